@@ -1,0 +1,454 @@
+//! The worker's own tables: schema migrations, jobs, leases (one runner at a
+//! time), and the per-range checkpoints that make a run resumable.
+
+use std::collections::BTreeMap;
+
+use sqlx::{PgConnection, Row};
+
+use crate::classify::Outcome;
+use crate::db::Database;
+use crate::target::quote_ident;
+
+/// Default schema for the worker's tables.
+pub const DEFAULT_SCHEMA: &str = "reencrypt";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Applies the embedded migrations into `schema`, in one transaction each.
+///
+/// `sqlx::migrate!`'s own runner keeps its bookkeeping in the session's search
+/// path and relies on session state, so the migrations are applied here with
+/// `SET LOCAL search_path`, which also works through a transaction pooler. A
+/// transaction-scoped advisory lock serialises concurrent workers.
+pub async fn migrate(db: &Database, schema: &str) -> Result<(), sqlx::Error> {
+    let quoted = quote_ident(schema);
+    let mut tx = db.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('reencrypt migrations'))")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {quoted}; \
+         CREATE TABLE IF NOT EXISTS {quoted}.schema_migrations ( \
+             version bigint PRIMARY KEY, description text NOT NULL, \
+             applied_at timestamptz NOT NULL DEFAULT now())"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let applied: Vec<i64> =
+        sqlx::query_scalar(&format!("SELECT version FROM {quoted}.schema_migrations"))
+            .fetch_all(&mut *tx)
+            .await?;
+
+    for migration in MIGRATOR.iter() {
+        if applied.contains(&migration.version) {
+            continue;
+        }
+        sqlx::raw_sql(&format!("SET LOCAL search_path TO {quoted}, pg_catalog"))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::raw_sql(&migration.sql).execute(&mut *tx).await?;
+        sqlx::query(&format!(
+            "INSERT INTO {quoted}.schema_migrations (version, description) VALUES ($1, $2)"
+        ))
+        .bind(migration.version)
+        .bind(migration.description.as_ref())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// Tells whether the worker's tables exist, without creating anything.
+pub async fn schema_exists(conn: &mut PgConnection, schema: &str) -> Result<bool, sqlx::Error> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{}.ranges", quote_ident(schema)))
+        .fetch_one(conn)
+        .await?;
+    Ok(exists)
+}
+
+/// What a job records about its keys and layout; a resumed run must match it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JobIdentity {
+    pub job: String,
+    pub targets: Vec<String>,
+    pub new_key_fingerprint: String,
+    pub old_key_fingerprints: Vec<String>,
+    pub new_key_version: Option<i64>,
+    pub old_key_versions: Vec<i64>,
+    pub shard_count: i32,
+    pub writers: i32,
+}
+
+/// Outcome counts of one range or target, as stored in `ranges`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub rows_scanned: i64,
+    pub reencrypted: i64,
+    pub current: i64,
+    pub null: i64,
+    pub not_in_format: i64,
+    pub undecryptable: i64,
+    pub ambiguous: i64,
+    pub deleted: i64,
+    pub write_rejected: i64,
+    pub conflicts: i64,
+    pub batches: i64,
+    pub sweep_reencrypted: i64,
+}
+
+impl Counts {
+    pub fn add_outcome(&mut self, outcome: Outcome, n: i64) {
+        match outcome {
+            Outcome::Reencrypted => self.reencrypted += n,
+            Outcome::Current => self.current += n,
+            Outcome::Null => self.null += n,
+            Outcome::NotInFormat => self.not_in_format += n,
+            Outcome::Undecryptable => self.undecryptable += n,
+            Outcome::Ambiguous => self.ambiguous += n,
+            Outcome::Deleted => self.deleted += n,
+            Outcome::WriteRejected => self.write_rejected += n,
+        }
+    }
+
+    pub fn outcome(&self, outcome: Outcome) -> i64 {
+        match outcome {
+            Outcome::Reencrypted => self.reencrypted,
+            Outcome::Current => self.current,
+            Outcome::Null => self.null,
+            Outcome::NotInFormat => self.not_in_format,
+            Outcome::Undecryptable => self.undecryptable,
+            Outcome::Ambiguous => self.ambiguous,
+            Outcome::Deleted => self.deleted,
+            Outcome::WriteRejected => self.write_rejected,
+        }
+    }
+
+    pub fn add(&mut self, other: &Counts) {
+        self.rows_scanned += other.rows_scanned;
+        for outcome in Outcome::ALL {
+            self.add_outcome(outcome, other.outcome(outcome));
+        }
+        self.conflicts += other.conflicts;
+        self.batches += other.batches;
+        self.sweep_reencrypted += other.sweep_reencrypted;
+    }
+
+    /// Rows that need an operator's attention, which makes the exit code 3.
+    pub fn attention(&self) -> i64 {
+        self.undecryptable + self.ambiguous + self.write_rejected
+    }
+}
+
+const COUNT_COLUMNS: &str =
+    "rows_scanned, reencrypted, current, null_values, not_in_format, undecryptable, \
+     ambiguous, deleted, write_rejected, conflicts, batches, sweep_reencrypted";
+
+fn counts_from_row(row: &sqlx::postgres::PgRow) -> Result<Counts, sqlx::Error> {
+    Ok(Counts {
+        rows_scanned: row.try_get("rows_scanned")?,
+        reencrypted: row.try_get("reencrypted")?,
+        current: row.try_get("current")?,
+        null: row.try_get("null_values")?,
+        not_in_format: row.try_get("not_in_format")?,
+        undecryptable: row.try_get("undecryptable")?,
+        ambiguous: row.try_get("ambiguous")?,
+        deleted: row.try_get("deleted")?,
+        write_rejected: row.try_get("write_rejected")?,
+        conflicts: row.try_get("conflicts")?,
+        batches: row.try_get("batches")?,
+        sweep_reencrypted: row.try_get("sweep_reencrypted")?,
+    })
+}
+
+/// Why a job's stored identity does not allow this run to resume it.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityMismatch {
+    #[error("job {job} was started with a different {what} (stored {stored}, now {given}); resume with the same settings, or pass --restart to start the job over")]
+    Differs {
+        job: String,
+        what: &'static str,
+        stored: String,
+        given: String,
+    },
+}
+
+/// Creates the job if it does not exist, or checks that this run matches it.
+/// With `restart`, forgets the job's checkpoints first.
+pub async fn register_job(
+    conn: &mut PgConnection,
+    schema: &str,
+    identity: &JobIdentity,
+    key_origins: &serde_json::Value,
+    restart: bool,
+) -> Result<Result<(), IdentityMismatch>, sqlx::Error> {
+    let q = quote_ident(schema);
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("reencrypt job {}", identity.job))
+        .execute(&mut *conn)
+        .await?;
+    if restart {
+        sqlx::query(&format!("DELETE FROM {q}.jobs WHERE job = $1"))
+            .bind(&identity.job)
+            .execute(&mut *conn)
+            .await?;
+    }
+
+    let stored = sqlx::query(&format!(
+        "SELECT targets, new_key_fingerprint, old_key_fingerprints, new_key_version, old_key_versions, \
+         shard_count, writers FROM {q}.jobs WHERE job = $1"
+    ))
+    .bind(&identity.job)
+    .fetch_optional(&mut *conn)
+    .await?;
+
+    let Some(row) = stored else {
+        sqlx::query(&format!(
+            "INSERT INTO {q}.jobs (job, targets, new_key_fingerprint, old_key_fingerprints, new_key_version, \
+             old_key_versions, key_origins, shard_count, writers, status) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'running')"
+        ))
+        .bind(&identity.job)
+        .bind(&identity.targets)
+        .bind(&identity.new_key_fingerprint)
+        .bind(&identity.old_key_fingerprints)
+        .bind(identity.new_key_version)
+        .bind(&identity.old_key_versions)
+        .bind(key_origins)
+        .bind(identity.shard_count)
+        .bind(identity.writers)
+        .execute(&mut *conn)
+        .await?;
+        return Ok(Ok(()));
+    };
+
+    let differs = |what: &'static str, stored: String, given: String| {
+        Ok(Err(IdentityMismatch::Differs {
+            job: identity.job.clone(),
+            what,
+            stored,
+            given,
+        }))
+    };
+    let targets: Vec<String> = row.try_get("targets")?;
+    if targets != identity.targets {
+        return differs("target list", targets.join(" "), identity.targets.join(" "));
+    }
+    let new_fp: String = row.try_get("new_key_fingerprint")?;
+    if new_fp != identity.new_key_fingerprint {
+        return differs(
+            "new key",
+            format!("fingerprint {new_fp}"),
+            format!("fingerprint {}", identity.new_key_fingerprint),
+        );
+    }
+    let old_fps: Vec<String> = row.try_get("old_key_fingerprints")?;
+    if old_fps != identity.old_key_fingerprints {
+        return differs(
+            "set of old keys",
+            format!("fingerprints {}", old_fps.join(",")),
+            format!("fingerprints {}", identity.old_key_fingerprints.join(",")),
+        );
+    }
+    let new_version: Option<i64> = row.try_get("new_key_version")?;
+    if new_version != identity.new_key_version {
+        return differs(
+            "Vault version of the new key (the current version may have moved on since the job started; pin it with --new-key-version)",
+            format!("{new_version:?}"),
+            format!("{:?}", identity.new_key_version),
+        );
+    }
+    let old_versions: Vec<i64> = row.try_get("old_key_versions")?;
+    if old_versions != identity.old_key_versions {
+        return differs(
+            "Vault versions of the old keys",
+            format!("{old_versions:?}"),
+            format!("{:?}", identity.old_key_versions),
+        );
+    }
+    let shards: i32 = row.try_get("shard_count")?;
+    if shards != identity.shard_count {
+        return differs(
+            "shard count",
+            shards.to_string(),
+            identity.shard_count.to_string(),
+        );
+    }
+    let writers: i32 = row.try_get("writers")?;
+    if writers != identity.writers {
+        return differs(
+            "number of writers",
+            writers.to_string(),
+            identity.writers.to_string(),
+        );
+    }
+    sqlx::query(&format!(
+        "UPDATE {q}.jobs SET status = 'running', updated_at = now(), finished_at = NULL WHERE job = $1 AND status <> 'finished'"
+    ))
+    .bind(&identity.job)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Ok(()))
+}
+
+/// Sets a job's status (`running`, `finished`, `failed`, `interrupted`).
+pub async fn set_job_status(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+    status: &str,
+) -> Result<(), sqlx::Error> {
+    let q = quote_ident(schema);
+    sqlx::query(&format!(
+        "UPDATE {q}.jobs SET status = $2, updated_at = now(), \
+         finished_at = CASE WHEN $2 = 'finished' THEN now() ELSE finished_at END WHERE job = $1"
+    ))
+    .bind(job)
+    .bind(status)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// One key range of a target, as stored.
+#[derive(Debug, Clone)]
+pub struct RangeRecord {
+    pub target: String,
+    pub range_index: i32,
+    pub lower_key: Option<Vec<String>>,
+    pub upper_key: Option<Vec<String>>,
+    pub last_key: Option<Vec<String>>,
+    pub status: String,
+    pub rows_estimated: i64,
+    pub counts: Counts,
+}
+
+/// Reads the ranges of a target, in range order.
+pub async fn load_ranges(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+    target: &str,
+) -> Result<Vec<RangeRecord>, sqlx::Error> {
+    let q = quote_ident(schema);
+    let rows = sqlx::query(&format!(
+        "SELECT target, range_index, lower_key, upper_key, last_key, status, rows_estimated, {COUNT_COLUMNS} \
+         FROM {q}.ranges WHERE job = $1 AND target = $2 ORDER BY range_index"
+    ))
+    .bind(job)
+    .bind(target)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(RangeRecord {
+                target: row.try_get("target")?,
+                range_index: row.try_get("range_index")?,
+                lower_key: row.try_get("lower_key")?,
+                upper_key: row.try_get("upper_key")?,
+                last_key: row.try_get("last_key")?,
+                status: row.try_get("status")?,
+                rows_estimated: row.try_get("rows_estimated")?,
+                counts: counts_from_row(row)?,
+            })
+        })
+        .collect()
+}
+
+/// Inserts the layout of a target's ranges. Callers hold the job's advisory
+/// lock, so concurrent shards agree on one layout.
+pub async fn insert_ranges(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+    target: &str,
+    key_columns: &[String],
+    bounds: &[(Option<Vec<String>>, Option<Vec<String>>)],
+    rows_estimated: i64,
+) -> Result<(), sqlx::Error> {
+    let q = quote_ident(schema);
+    let per_range = rows_estimated / bounds.len().max(1) as i64;
+    for (index, (lower, upper)) in bounds.iter().enumerate() {
+        sqlx::query(&format!(
+            "INSERT INTO {q}.ranges (job, target, range_index, key_columns, lower_key, upper_key, rows_estimated) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ))
+        .bind(job)
+        .bind(target)
+        .bind(index as i32)
+        .bind(key_columns)
+        .bind(lower.as_ref())
+        .bind(upper.as_ref())
+        .bind(per_range)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Marks a range as started or finished.
+pub async fn set_range_status(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+    target: &str,
+    range_index: i32,
+    status: &str,
+) -> Result<(), sqlx::Error> {
+    let q = quote_ident(schema);
+    sqlx::query(&format!(
+        "UPDATE {q}.ranges SET status = $4, updated_at = now(), \
+         started_at = COALESCE(started_at, now()), \
+         finished_at = CASE WHEN $4 = 'done' THEN now() ELSE NULL END \
+         WHERE job = $1 AND target = $2 AND range_index = $3"
+    ))
+    .bind(job)
+    .bind(target)
+    .bind(range_index)
+    .bind(status)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Sums the counts of every range of a job, by target.
+pub async fn job_counts(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+) -> Result<BTreeMap<String, Counts>, sqlx::Error> {
+    let q = quote_ident(schema);
+    let rows = sqlx::query(&format!(
+        "SELECT target, {} FROM {q}.ranges WHERE job = $1 GROUP BY target",
+        COUNT_COLUMNS
+            .split(", ")
+            .map(|c| format!("sum({c})::int8 AS {c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+    .bind(job)
+    .fetch_all(conn)
+    .await?;
+    let mut out = BTreeMap::new();
+    for row in &rows {
+        out.insert(row.try_get::<String, _>("target")?, counts_from_row(row)?);
+    }
+    Ok(out)
+}
+
+/// Primary keys of rows needing attention, at most `limit`, by target.
+pub async fn attention_keys(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+    limit: i64,
+) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+    let q = quote_ident(schema);
+    sqlx::query_as(&format!(
+        "SELECT target, key, outcome FROM {q}.attention WHERE job = $1 ORDER BY target, outcome, key LIMIT $2"
+    ))
+    .bind(job)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}

@@ -1,0 +1,154 @@
+//! Connections: the pool, per-transaction timeouts, and which database errors
+//! are worth retrying.
+//!
+//! Everything that talks to PostgreSQL runs inside an explicit transaction and
+//! uses unnamed statements, and no setting is made outside a transaction. That
+//! keeps the worker correct behind a transaction-pooling proxy such as
+//! PgBouncer, where consecutive transactions may run on different server
+//! connections.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Postgres, Transaction};
+
+/// Timeouts applied to every transaction with `SET LOCAL`.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub lock_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+    pub idle_in_transaction_timeout_ms: u64,
+}
+
+/// A pool and the timeouts every transaction from it gets.
+#[derive(Clone)]
+pub struct Database {
+    pub pool: PgPool,
+    pub timeouts: Timeouts,
+}
+
+impl Database {
+    /// Opens a pool. Connections are made lazily and re-made after failures, so
+    /// the pool recovers by itself when PostgreSQL comes back.
+    pub fn connect_lazy(
+        url: &str,
+        max_connections: u32,
+        timeouts: Timeouts,
+    ) -> Result<Database, sqlx::Error> {
+        let options = PgConnectOptions::from_str(url)?
+            .application_name("reencrypt")
+            // Unnamed statements only: named ones break behind transaction poolers.
+            .statement_cache_capacity(0);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(30))
+            .test_before_acquire(true)
+            .connect_lazy_with(options);
+        Ok(Database { pool, timeouts })
+    }
+
+    /// Begins a transaction with this job's timeouts, in one round trip.
+    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        let t = self.timeouts;
+        self.pool
+            .begin_with(format!(
+                "BEGIN; SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; \
+                 SET LOCAL idle_in_transaction_session_timeout = '{}ms'",
+                t.lock_timeout_ms, t.statement_timeout_ms, t.idle_in_transaction_timeout_ms
+            ))
+            .await
+    }
+
+    /// Begins a read-only transaction with this job's timeouts.
+    pub async fn begin_read_only(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        let t = self.timeouts;
+        self.pool
+            .begin_with(format!(
+                "BEGIN READ ONLY; SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; \
+                 SET LOCAL idle_in_transaction_session_timeout = '{}ms'",
+                t.lock_timeout_ms, t.statement_timeout_ms, t.idle_in_transaction_timeout_ms
+            ))
+            .await
+    }
+}
+
+/// Kinds of transient failure, as used in logs and the retries metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransientKind {
+    Connection,
+    Deadlock,
+    LockTimeout,
+    StatementTimeout,
+    Serialization,
+    ServerShutdown,
+}
+
+impl TransientKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            TransientKind::Connection => "connection",
+            TransientKind::Deadlock => "deadlock",
+            TransientKind::LockTimeout => "lock_timeout",
+            TransientKind::StatementTimeout => "statement_timeout",
+            TransientKind::Serialization => "serialization",
+            TransientKind::ServerShutdown => "server_shutdown",
+        }
+    }
+}
+
+/// Returns the kind of a transient error, or `None` when retrying cannot help.
+pub fn transient_kind(error: &sqlx::Error) -> Option<TransientKind> {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => Some(TransientKind::Connection),
+        sqlx::Error::Protocol(_) => Some(TransientKind::Connection),
+        sqlx::Error::Database(db) => {
+            let code = db.code()?;
+            match code.as_ref() {
+                "40P01" => Some(TransientKind::Deadlock),
+                "55P03" => Some(TransientKind::LockTimeout),
+                "57014" => Some(TransientKind::StatementTimeout),
+                "40001" => Some(TransientKind::Serialization),
+                // admin_shutdown, crash_shutdown, cannot_connect_now, idle session timeouts
+                "57P01" | "57P02" | "57P03" | "57P05" | "25P03" => {
+                    Some(TransientKind::ServerShutdown)
+                }
+                // connection_exception class, and too_many_connections
+                c if c.starts_with("08") || c == "53300" => Some(TransientKind::Connection),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Whether a database error is tied to the values of particular rows (a check
+/// constraint, a trigger's exception, a value too long for the column), so that
+/// finding and skipping the row lets the rest of the batch through.
+pub fn is_row_error(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = error else {
+        return false;
+    };
+    let Some(code) = db.code() else {
+        return false;
+    };
+    // Class 22 data exception, class 23 integrity constraint violation,
+    // P0001 raise_exception from a trigger.
+    code.starts_with("22") || code.starts_with("23") || code == "P0001"
+}
+
+/// Describes a database error without any row data: the SQLSTATE and the
+/// server's message, never the statement's parameters.
+pub fn describe(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+            None => db.message().to_string(),
+        },
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,55 @@
+//! Failures of a command, grouped by how the caller must react.
+
+use crate::exit;
+
+/// Why a command did not complete. The variant decides the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// Bad input or configuration: fix it, do not retry. Nothing was written.
+    #[error("{0}")]
+    Config(String),
+    /// A failure that may pass: a rerun resumes from the last checkpoint.
+    #[error("{0}")]
+    Retryable(String),
+    /// Stopped by a signal after the last committed batch.
+    #[error("interrupted by a signal; the last committed batch is checkpointed, rerun the same command to resume")]
+    Interrupted,
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Config(_) => exit::CONFIG,
+            Failure::Retryable(_) => exit::RETRYABLE,
+            Failure::Interrupted => exit::INTERRUPTED,
+        }
+    }
+
+    /// Classifies a database error met outside a batch: authentication and
+    /// unknown-database errors are configuration errors, the rest may pass.
+    pub fn from_database(context: &str, error: &sqlx::Error) -> Failure {
+        let message = format!("{context}: {}", crate::db::describe(error));
+        if let sqlx::Error::Database(db) = error {
+            if let Some(code) = db.code() {
+                // 28: invalid authorization; 3D000: database does not exist;
+                // 42501: insufficient privilege; 3F000: invalid schema name.
+                if code.starts_with("28") || code == "3D000" || code == "42501" || code == "3F000" {
+                    return Failure::Config(message);
+                }
+            }
+        }
+        if matches!(error, sqlx::Error::Configuration(_)) {
+            return Failure::Config(message);
+        }
+        Failure::Retryable(message)
+    }
+}
+
+impl From<crate::pipeline::RangeError> for Failure {
+    fn from(error: crate::pipeline::RangeError) -> Failure {
+        match error {
+            crate::pipeline::RangeError::Interrupted => Failure::Interrupted,
+            other => Failure::Retryable(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,123 @@
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::Parser;
+use reencrypt::cli::{Cli, Command, OutputFormat};
+use reencrypt::error::Failure;
+use reencrypt::{exit, report, telemetry};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return ExitCode::from(if error.use_stderr() {
+                exit::CONFIG as u8
+            } else {
+                exit::SUCCESS as u8
+            });
+        }
+    };
+    telemetry::init(cli.log_format);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(exit::RETRYABLE as u8);
+        }
+    };
+    let code = runtime.block_on(async {
+        let stop = Arc::new(AtomicBool::new(false));
+        spawn_signal_handler(stop.clone());
+        match dispatch(cli.command, stop).await {
+            Ok(code) => code,
+            Err(failure) => {
+                eprintln!("error: {failure}");
+                failure.exit_code()
+            }
+        }
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ExitCode::from(code as u8)
+}
+
+/// First SIGTERM/SIGINT: finish the current batch, then exit 4. Second: exit 4 at once,
+/// which is safe because every batch commits atomically with its checkpoint.
+fn spawn_signal_handler(stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot listen for SIGTERM.");
+                    return;
+                }
+            };
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("error: interrupted again; exiting now, the last committed batch is checkpointed");
+                std::process::exit(exit::INTERRUPTED);
+            }
+            tracing::warn!("Stop requested; finishing the current batch.");
+        }
+    });
+}
+
+async fn dispatch(command: Command, stop: Arc<AtomicBool>) -> Result<i32, Failure> {
+    match command {
+        Command::Run(args) => {
+            if args.dry_run {
+                return reencrypt::inspect::plan_from_run(&args).await;
+            }
+            let listen = match args.metrics.metrics_listen.trim() {
+                "off" | "" => None,
+                address => Some(address.parse().map_err(|_| {
+                    Failure::Config(format!(
+                        "invalid --metrics-listen {address:?}: expected HOST:PORT or off"
+                    ))
+                })?),
+            };
+            let handle = reencrypt::metrics::install(listen).map_err(Failure::Config)?;
+            let pusher = reencrypt::push::Pusher::start(&args.metrics, handle.clone())?;
+            let result = reencrypt::run::run(&args, stop).await;
+            if let Some(pusher) = pusher {
+                pusher
+                    .finish(result.as_ref().map(|s| s.job.clone()).ok(), result.is_ok())
+                    .await;
+            }
+            let summary = result?;
+            let code = summary.exit_code();
+            reencrypt::inspect::record_run(&args, &summary, code).await?;
+            match args.output.format {
+                OutputFormat::Table => print!("{}", report::render_run(&summary)),
+                OutputFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&summary).unwrap_or_default()
+                ),
+            }
+            Ok(code)
+        }
+        Command::Demo(args) => {
+            let _ = reencrypt::metrics::install(None);
+            let (summary, checked) = reencrypt::demo::demo(&args, stop).await?;
+            print!("{}", report::render_run(&summary));
+            println!("checked: all {checked} rows read back as expected (old-key rows under the new key, the rest unchanged)");
+            Ok(summary.exit_code())
+        }
+        Command::Plan(args) => reencrypt::inspect::plan(&args).await,
+        Command::Verify(args) => reencrypt::inspect::verify(&args).await,
+        Command::Status(args) => reencrypt::inspect::status(&args).await,
+        Command::Keys(args) => reencrypt::inspect::keys(&args).await,
+        Command::Reset(args) => reencrypt::inspect::reset(&args).await,
+        Command::Release(args) => reencrypt::inspect::release(&args).await,
+    }
+}

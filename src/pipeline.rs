@@ -1,0 +1,762 @@
+//! One key range, end to end: keyset fetch, classification on the rayon pool,
+//! and compare-and-swap writes committed together with the range's checkpoint.
+//!
+//! The fetch of the next batch and its classification overlap the write of
+//! the previous one. At most two batches are in memory besides the one being
+//! fetched, and each batch is capped in rows and in bytes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use rayon::prelude::*;
+use sqlx::{PgConnection, Postgres, Row, Transaction};
+use tokio::sync::mpsc;
+
+use crate::checkpoint::Counts;
+use crate::classify::{Decision, Keyring, Outcome};
+use crate::db::{self, Database, TransientKind};
+use crate::lease::Holder;
+use crate::metrics;
+use crate::statements::{key_label, Statements};
+use crate::throttle::Throttle;
+
+/// Settings shared by every range of a run.
+#[derive(Clone)]
+pub struct PipelineSettings {
+    pub db: Database,
+    pub schema: String,
+    pub job: String,
+    pub shard: i32,
+    pub holder: Holder,
+    pub keyring: Arc<Keyring>,
+    pub crypto_pool: Arc<rayon::ThreadPool>,
+    pub batch: BatchSizing,
+    pub retry: RetryPolicy,
+    /// Set on SIGTERM/SIGINT: finish the current batch, then stop.
+    pub stop: Arc<AtomicBool>,
+    /// Set when the lease is lost: stop without writing.
+    pub lease_lost: Arc<AtomicBool>,
+    pub throttle: Arc<Throttle>,
+    pub progress: Arc<crate::progress::Progress>,
+}
+
+/// Batch size limits and the adaptive sizing target.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSizing {
+    /// Starting (and, when not adaptive, fixed) number of rows per batch.
+    pub rows: usize,
+    pub min_rows: usize,
+    pub max_rows: usize,
+    /// A batch stops growing once its values reach this many bytes.
+    pub max_bytes: usize,
+    /// Adaptive sizing aims the write phase at this duration.
+    pub target_duration: Option<Duration>,
+}
+
+/// Bounds for retrying transient failures.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub max_elapsed: Duration,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl RetryPolicy {
+    /// Full-jitter exponential backoff for the given attempt (1-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exponential = self.base_delay.saturating_mul(1u32 << attempt.min(16));
+        let capped = exponential.min(self.max_delay);
+        capped.mul_f64(rand::random::<f64>().max(0.1))
+    }
+}
+
+/// Why a range stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum RangeError {
+    #[error("stopped by a signal after the last committed batch")]
+    Interrupted,
+    #[error("this runner lost the job's lease to another runner")]
+    LeaseLost,
+    #[error("gave up after {attempts} attempts over {elapsed_secs}s; last error: {last}")]
+    RetriesExhausted {
+        attempts: u32,
+        elapsed_secs: u64,
+        last: String,
+    },
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+/// Which pass over a range this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// The keyset pass: checkpoints its position and counts every outcome.
+    Main,
+    /// A final sweep: rewrites what is still under an old key, counts only that.
+    Sweep,
+}
+
+/// The key range one worker processes.
+#[derive(Debug, Clone)]
+pub struct RangeWork {
+    pub target_label: String,
+    pub range_index: i32,
+    /// Exclusive lower bound (resume point or range start).
+    pub after: Option<Vec<String>>,
+    /// Inclusive upper bound; `None` means no bound (sweeps of the last range).
+    pub upper: Option<Vec<String>>,
+}
+
+/// Rows read from the table, column by column.
+struct Batch {
+    /// `keys[c][r]`: key column `c` of row `r`, as text.
+    keys: Vec<Vec<String>>,
+    values: Vec<Option<String>>,
+    fetch_seconds: f64,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    fn key_of(&self, row: usize) -> Vec<String> {
+        self.keys.iter().map(|column| column[row].clone()).collect()
+    }
+
+    /// Splits into two halves, first half first.
+    fn split(mut self) -> (Batch, Batch) {
+        let half = self.len() / 2;
+        let tail_keys = self.keys.iter_mut().map(|c| c.split_off(half)).collect();
+        let tail_values = self.values.split_off(half);
+        let tail = Batch {
+            keys: tail_keys,
+            values: tail_values,
+            fetch_seconds: 0.0,
+        };
+        (self, tail)
+    }
+}
+
+struct ClassifiedBatch {
+    batch: Batch,
+    decisions: Vec<Decision>,
+    crypto_seconds: f64,
+}
+
+impl ClassifiedBatch {
+    fn split(self) -> (ClassifiedBatch, ClassifiedBatch) {
+        let mut decisions = self.decisions;
+        let tail_decisions = decisions.split_off(self.batch.len() / 2);
+        let (head, tail) = self.batch.split();
+        (
+            ClassifiedBatch {
+                batch: head,
+                decisions,
+                crypto_seconds: self.crypto_seconds,
+            },
+            ClassifiedBatch {
+                batch: tail,
+                decisions: tail_decisions,
+                crypto_seconds: 0.0,
+            },
+        )
+    }
+}
+
+/// Runs a closure on the crypto pool and waits for it without blocking tokio.
+pub async fn on_crypto_pool<T: Send + 'static>(
+    pool: &rayon::ThreadPool,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (send, receive) = tokio::sync::oneshot::channel();
+    let span = tracing::Span::current();
+    pool.spawn(move || {
+        let _entered = span.enter();
+        let _ = send.send(work());
+    });
+    receive.await.expect("the crypto pool dropped a task")
+}
+
+/// Processes one range until it is exhausted, stopped or failed. Returns the
+/// counts of this run's work on the range.
+pub async fn run_range(
+    settings: &PipelineSettings,
+    statements: Arc<Statements>,
+    work: RangeWork,
+    pass: Pass,
+) -> Result<Counts, RangeError> {
+    let (sender, mut receiver) = mpsc::channel::<Result<ClassifiedBatch, RangeError>>(1);
+    let batch_rows = Arc::new(std::sync::atomic::AtomicUsize::new(settings.batch.rows));
+
+    // Fetch and classify ahead of the writer.
+    let reader = {
+        let settings = settings.clone();
+        let statements = statements.clone();
+        let work = work.clone();
+        let batch_rows = batch_rows.clone();
+        tokio::spawn(async move {
+            let mut after = work.after.clone();
+            loop {
+                if settings.stop.load(Ordering::SeqCst)
+                    || settings.lease_lost.load(Ordering::SeqCst)
+                {
+                    return;
+                }
+                let limit = batch_rows.load(Ordering::Relaxed);
+                let batch = match fetch_with_retry(
+                    &settings,
+                    &statements,
+                    &work.target_label,
+                    after.as_deref(),
+                    work.upper.as_deref(),
+                    limit,
+                )
+                .await
+                {
+                    Ok(batch) => batch,
+                    Err(error) => {
+                        let _ = sender.send(Err(error)).await;
+                        return;
+                    }
+                };
+                if batch.len() == 0 {
+                    return;
+                }
+                after = Some(batch.key_of(batch.len() - 1));
+
+                let keyring = settings.keyring.clone();
+                let started = Instant::now();
+                let (batch, decisions) = on_crypto_pool(&settings.crypto_pool, move || {
+                    let decisions: Vec<Decision> = batch
+                        .values
+                        .par_iter()
+                        .with_min_len(64)
+                        .map(|value| keyring.classify(value.as_deref()))
+                        .collect();
+                    (batch, decisions)
+                })
+                .await;
+                let crypto_seconds = started.elapsed().as_secs_f64();
+                let classified = ClassifiedBatch {
+                    batch,
+                    decisions,
+                    crypto_seconds,
+                };
+                if sender.send(Ok(classified)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+
+    // Write batches in order; split a batch that timed out.
+    let mut totals = Counts::default();
+    let mut pending: Vec<ClassifiedBatch> = Vec::new();
+    let result = loop {
+        let next = match pending.pop() {
+            Some(batch) => batch,
+            None => match receiver.recv().await {
+                Some(Ok(batch)) => batch,
+                Some(Err(error)) => break Err(error),
+                None => break Ok(()),
+            },
+        };
+        if settings.lease_lost.load(Ordering::SeqCst) {
+            break Err(RangeError::LeaseLost);
+        }
+        settings
+            .throttle
+            .wait(&work.target_label, next.batch.len())
+            .await;
+
+        let rows = next.batch.len();
+        let fetch_seconds = next.batch.fetch_seconds;
+        let crypto_seconds = next.crypto_seconds;
+        let started = Instant::now();
+        match write_with_retry(settings, &statements, &work, pass, next).await {
+            Ok(WriteResult::Committed(counts)) => {
+                let write_seconds = started.elapsed().as_secs_f64();
+                totals.add(&counts);
+                metrics::record_batch(
+                    &work.target_label,
+                    &counts,
+                    fetch_seconds,
+                    crypto_seconds,
+                    write_seconds,
+                );
+                settings
+                    .progress
+                    .advance(&work.target_label, pass, counts.rows_scanned as u64);
+                adapt_batch_size(&settings.batch, &batch_rows, rows, write_seconds);
+            }
+            Ok(WriteResult::Split(head, tail)) => {
+                tracing::warn!(target = %work.target_label, rows, "Batch timed out; retrying it as two smaller batches.");
+                let smaller = (rows / 2).max(settings.batch.min_rows);
+                batch_rows.store(smaller, Ordering::Relaxed);
+                pending.push(tail);
+                pending.push(head);
+            }
+            Err(error) => break Err(error),
+        }
+        if settings.stop.load(Ordering::SeqCst) {
+            break Err(RangeError::Interrupted);
+        }
+    };
+
+    drop(receiver);
+    let _ = reader.await;
+    result.map(|_| totals)
+}
+
+/// Adjusts the next batch size toward the target write duration.
+fn adapt_batch_size(
+    sizing: &BatchSizing,
+    batch_rows: &std::sync::atomic::AtomicUsize,
+    rows: usize,
+    write_seconds: f64,
+) {
+    let Some(target) = sizing.target_duration else {
+        return;
+    };
+    let current = batch_rows.load(Ordering::Relaxed);
+    if rows < current {
+        return; // A short batch (end of range, byte cap) says nothing about the size.
+    }
+    let target = target.as_secs_f64();
+    let next = if write_seconds < target / 2.0 {
+        current + current / 2
+    } else if write_seconds > target * 2.0 {
+        current / 2
+    } else {
+        current
+    };
+    batch_rows.store(
+        next.clamp(sizing.min_rows, sizing.max_rows),
+        Ordering::Relaxed,
+    );
+}
+
+/// Runs `operation` with bounded, jittered retries of transient errors.
+async fn with_retry<T, F, Fut>(
+    settings: &PipelineSettings,
+    what: &str,
+    target: &str,
+    mut operation: F,
+) -> Result<T, RangeError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let started = Instant::now();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match operation().await {
+            Ok(value) => return Ok(value),
+            Err(error) => {
+                let Some(kind) = db::transient_kind(&error) else {
+                    metrics::record_error("database");
+                    return Err(RangeError::Database(db::describe(&error)));
+                };
+                let elapsed = started.elapsed();
+                if attempt >= settings.retry.max_attempts || elapsed >= settings.retry.max_elapsed {
+                    metrics::record_error(kind.label());
+                    return Err(RangeError::RetriesExhausted {
+                        attempts: attempt,
+                        elapsed_secs: elapsed.as_secs(),
+                        last: db::describe(&error),
+                    });
+                }
+                let delay = settings.retry.delay(attempt);
+                metrics::record_retry(kind.label());
+                tracing::warn!(target = %target, operation = what, kind = kind.label(), attempt, delay_ms = delay.as_millis() as u64, error = %db::describe(&error), "Transient database error; retrying.");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn fetch_with_retry(
+    settings: &PipelineSettings,
+    statements: &Statements,
+    target: &str,
+    after: Option<&[String]>,
+    upper: Option<&[String]>,
+    limit: usize,
+) -> Result<Batch, RangeError> {
+    with_retry(settings, "fetch", target, || {
+        fetch(settings, statements, after, upper, limit)
+    })
+    .await
+}
+
+/// Reads the next batch after `after`, up to `upper`, capped in rows and bytes.
+async fn fetch(
+    settings: &PipelineSettings,
+    statements: &Statements,
+    after: Option<&[String]>,
+    upper: Option<&[String]>,
+    limit: usize,
+) -> Result<Batch, sqlx::Error> {
+    let started = Instant::now();
+    let mut tx = settings.db.begin_read_only().await?;
+    let mut query = sqlx::query(statements.fetch(after.is_some(), upper.is_some()));
+    for part in after
+        .into_iter()
+        .flatten()
+        .chain(upper.into_iter().flatten())
+    {
+        query = query.bind(part);
+    }
+    query = query.bind(limit as i64);
+
+    let key_len = statements.key_len;
+    let mut batch = Batch {
+        keys: vec![Vec::with_capacity(limit); key_len],
+        values: Vec::with_capacity(limit),
+        fetch_seconds: 0.0,
+    };
+    let mut bytes = 0usize;
+    {
+        let mut rows = query.fetch(&mut *tx);
+        while let Some(row) = rows.try_next().await? {
+            for (column, keys) in batch.keys.iter_mut().enumerate() {
+                keys.push(row.try_get::<String, _>(column)?);
+            }
+            let value: Option<String> = row.try_get(key_len)?;
+            bytes += value.as_ref().map_or(0, String::len);
+            batch.values.push(value);
+            if bytes >= settings.batch.max_bytes {
+                break;
+            }
+        }
+    }
+    tx.commit().await?;
+    batch.fetch_seconds = started.elapsed().as_secs_f64();
+    Ok(batch)
+}
+
+enum WriteResult {
+    Committed(Counts),
+    /// The batch timed out: process these halves instead.
+    Split(ClassifiedBatch, ClassifiedBatch),
+}
+
+async fn write_with_retry(
+    settings: &PipelineSettings,
+    statements: &Statements,
+    work: &RangeWork,
+    pass: Pass,
+    batch: ClassifiedBatch,
+) -> Result<WriteResult, RangeError> {
+    let started = Instant::now();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match write(settings, statements, work, pass, &batch).await {
+            Ok(counts) => return Ok(WriteResult::Committed(counts)),
+            Err(WriteError::LeaseLost) => return Err(RangeError::LeaseLost),
+            Err(WriteError::Database(error)) => {
+                let Some(kind) = db::transient_kind(&error) else {
+                    metrics::record_error("database");
+                    return Err(RangeError::Database(db::describe(&error)));
+                };
+                if kind == TransientKind::StatementTimeout && batch.batch.len() > 1 {
+                    metrics::record_retry(kind.label());
+                    let (head, tail) = batch.split();
+                    return Ok(WriteResult::Split(head, tail));
+                }
+                let elapsed = started.elapsed();
+                if attempt >= settings.retry.max_attempts || elapsed >= settings.retry.max_elapsed {
+                    metrics::record_error(kind.label());
+                    return Err(RangeError::RetriesExhausted {
+                        attempts: attempt,
+                        elapsed_secs: elapsed.as_secs(),
+                        last: db::describe(&error),
+                    });
+                }
+                let delay = settings.retry.delay(attempt);
+                metrics::record_retry(kind.label());
+                tracing::warn!(target = %work.target_label, operation = "write", kind = kind.label(), attempt, delay_ms = delay.as_millis() as u64, error = %db::describe(&error), "Transient database error; retrying the batch.");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum WriteError {
+    LeaseLost,
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for WriteError {
+    fn from(error: sqlx::Error) -> WriteError {
+        WriteError::Database(error)
+    }
+}
+
+/// Writes one classified batch and its checkpoint in one transaction.
+async fn write(
+    settings: &PipelineSettings,
+    statements: &Statements,
+    work: &RangeWork,
+    pass: Pass,
+    classified: &ClassifiedBatch,
+) -> Result<Counts, WriteError> {
+    let batch = &classified.batch;
+    let mut outcomes: Vec<Outcome> = classified.decisions.iter().map(|d| d.outcome).collect();
+    let mut tx = settings.db.begin().await?;
+
+    // Compare-and-swap: rows whose value changed since it was read stay untouched.
+    let to_write: Vec<usize> = (0..batch.len())
+        .filter(|&r| classified.decisions[r].new_value.is_some())
+        .collect();
+    let written = write_rows(
+        &mut tx,
+        statements,
+        batch,
+        &to_write,
+        |r| {
+            classified.decisions[r]
+                .new_value
+                .as_deref()
+                .unwrap_or_default()
+        },
+        &mut outcomes,
+    )
+    .await?;
+
+    // Conflicts: lock the rows that changed, re-read and re-classify them.
+    let conflicted: Vec<usize> = to_write
+        .iter()
+        .copied()
+        .filter(|r| !written.contains(r) && outcomes[*r] != Outcome::WriteRejected)
+        .collect();
+    if !conflicted.is_empty() {
+        resolve_conflicts(
+            settings,
+            &mut tx,
+            statements,
+            batch,
+            &conflicted,
+            &mut outcomes,
+        )
+        .await?;
+    }
+
+    // Tally, and record the keys of rows that need attention.
+    let mut counts = Counts::default();
+    let mut attention_keys = Vec::new();
+    let mut attention_outcomes = Vec::new();
+    for (row, outcome) in outcomes.iter().enumerate() {
+        counts.add_outcome(*outcome, 1);
+        if outcome.needs_attention() || *outcome == Outcome::NotInFormat {
+            attention_keys.push(key_label(&batch.key_of(row)));
+            attention_outcomes.push(outcome.label());
+        }
+    }
+    counts.rows_scanned = batch.len() as i64;
+    counts.conflicts = conflicted.len() as i64;
+    counts.batches = 1;
+    if !attention_keys.is_empty() {
+        sqlx::query(&statements.attention)
+            .bind(&settings.job)
+            .bind(&work.target_label)
+            .bind(&attention_keys)
+            .bind(&attention_outcomes)
+            .execute(&mut *tx)
+            .await?;
+    }
+
+    // The checkpoint commits with the batch, and only while the lease is ours.
+    let updated = match pass {
+        Pass::Main => {
+            let last_key = batch.key_of(batch.len() - 1);
+            sqlx::query(&statements.checkpoint)
+                .bind(&settings.job)
+                .bind(&work.target_label)
+                .bind(work.range_index)
+                .bind(settings.shard)
+                .bind(&settings.holder.token)
+                .bind(&last_key)
+                .bind(counts.rows_scanned)
+                .bind(counts.reencrypted)
+                .bind(counts.current)
+                .bind(counts.null)
+                .bind(counts.not_in_format)
+                .bind(counts.undecryptable)
+                .bind(counts.ambiguous)
+                .bind(counts.deleted)
+                .bind(counts.write_rejected)
+                .bind(counts.conflicts)
+                .execute(&mut *tx)
+                .await?
+        }
+        Pass::Sweep => {
+            counts.sweep_reencrypted = counts.reencrypted;
+            sqlx::query(&statements.sweep_checkpoint)
+                .bind(&settings.job)
+                .bind(&work.target_label)
+                .bind(work.range_index)
+                .bind(settings.shard)
+                .bind(&settings.holder.token)
+                .bind(counts.reencrypted)
+                .bind(counts.conflicts)
+                .execute(&mut *tx)
+                .await?
+        }
+    };
+    if updated.rows_affected() != 1 {
+        tx.rollback().await?;
+        return Err(WriteError::LeaseLost);
+    }
+    tx.commit().await?;
+    Ok(counts)
+}
+
+/// Writes the given rows with compare-and-swap. A row-specific failure (a
+/// constraint, a trigger, a value too long) is isolated by bisection under
+/// savepoints, and the rows that cause it are marked `WriteRejected`. Returns
+/// the rows actually written.
+async fn write_rows<'a>(
+    tx: &mut Transaction<'static, Postgres>,
+    statements: &Statements,
+    batch: &Batch,
+    rows: &[usize],
+    new_value: impl Fn(usize) -> &'a str + Copy,
+    outcomes: &mut [Outcome],
+) -> Result<Vec<usize>, sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut savepoint = sqlx::Connection::begin(&mut **tx).await?;
+    match update(&mut savepoint, statements, batch, rows, new_value).await {
+        Ok(written) => {
+            savepoint.commit().await?;
+            Ok(written)
+        }
+        Err(error) if db::is_row_error(&error) => {
+            savepoint.rollback().await?;
+            if rows.len() == 1 {
+                tracing::warn!(key = %key_label(&batch.key_of(rows[0])), error = %db::describe(&error), "The database rejected the new value of a row; the row is left unchanged.");
+                outcomes[rows[0]] = Outcome::WriteRejected;
+                return Ok(Vec::new());
+            }
+            let (head, tail) = rows.split_at(rows.len() / 2);
+            let mut written =
+                Box::pin(write_rows(tx, statements, batch, head, new_value, outcomes)).await?;
+            written.extend(
+                Box::pin(write_rows(tx, statements, batch, tail, new_value, outcomes)).await?,
+            );
+            Ok(written)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Runs the compare-and-swap UPDATE for `rows`; returns the rows written.
+async fn update<'a>(
+    conn: &mut PgConnection,
+    statements: &Statements,
+    batch: &Batch,
+    rows: &[usize],
+    new_value: impl Fn(usize) -> &'a str,
+) -> Result<Vec<usize>, sqlx::Error> {
+    let mut query = sqlx::query_scalar::<_, i64>(&statements.write);
+    for column in &batch.keys {
+        let keys: Vec<&str> = rows.iter().map(|&r| column[r].as_str()).collect();
+        query = query.bind(keys);
+    }
+    let old: Vec<&str> = rows
+        .iter()
+        .map(|&r| batch.values[r].as_deref().unwrap_or_default())
+        .collect();
+    let new: Vec<&str> = rows.iter().map(|&r| new_value(r)).collect();
+    let ordinals = query.bind(old).bind(new).fetch_all(conn).await?;
+    Ok(ordinals
+        .into_iter()
+        .map(|ord| rows[(ord - 1) as usize])
+        .collect())
+}
+
+/// Re-reads conflicted rows under a row lock, classifies their current values,
+/// and rewrites those now under an old key. Deleted rows become `Deleted`.
+async fn resolve_conflicts(
+    settings: &PipelineSettings,
+    tx: &mut Transaction<'static, Postgres>,
+    statements: &Statements,
+    batch: &Batch,
+    conflicted: &[usize],
+    outcomes: &mut [Outcome],
+) -> Result<(), sqlx::Error> {
+    let mut query = sqlx::query(&statements.lock);
+    for column in &batch.keys {
+        let keys: Vec<&str> = conflicted.iter().map(|&r| column[r].as_str()).collect();
+        query = query.bind(keys);
+    }
+    let locked = query.fetch_all(&mut **tx).await?;
+
+    for &row in conflicted {
+        outcomes[row] = Outcome::Deleted;
+    }
+    let mut current: Vec<(usize, Option<String>)> = Vec::with_capacity(locked.len());
+    for row in &locked {
+        let ord: i64 = row.try_get(0)?;
+        current.push((conflicted[(ord - 1) as usize], row.try_get(1)?));
+    }
+
+    let keyring = settings.keyring.clone();
+    let current = Arc::new(current);
+    let decisions = {
+        let current = current.clone();
+        on_crypto_pool(&settings.crypto_pool, move || {
+            current
+                .iter()
+                .map(|(_, value)| keyring.classify(value.as_deref()))
+                .collect::<Vec<_>>()
+        })
+        .await
+    };
+
+    // The rows are locked, so the compare-and-swap cannot miss now; build a
+    // batch of the current values and write it.
+    let reread = Batch {
+        keys: batch
+            .keys
+            .iter()
+            .map(|column| current.iter().map(|(r, _)| column[*r].clone()).collect())
+            .collect(),
+        values: current.iter().map(|(_, v)| v.clone()).collect(),
+        fetch_seconds: 0.0,
+    };
+    let mut reread_outcomes: Vec<Outcome> = decisions.iter().map(|d| d.outcome).collect();
+    let to_write: Vec<usize> = (0..reread.len())
+        .filter(|&i| decisions[i].new_value.is_some())
+        .collect();
+    let written = write_rows(
+        tx,
+        statements,
+        &reread,
+        &to_write,
+        |i| decisions[i].new_value.as_deref().unwrap_or_default(),
+        &mut reread_outcomes,
+    )
+    .await?;
+    for (i, (row, _)) in current.iter().enumerate() {
+        outcomes[*row] = reread_outcomes[i];
+        if decisions[i].new_value.is_some()
+            && !written.contains(&i)
+            && reread_outcomes[i] != Outcome::WriteRejected
+        {
+            // Unreachable while the row lock holds; leave the row and say so.
+            tracing::error!(key = %key_label(&batch.key_of(*row)), "A locked row changed before it could be rewritten; it is left unchanged.");
+            outcomes[*row] = Outcome::Undecryptable;
+        }
+    }
+    Ok(())
+}

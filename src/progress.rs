@@ -1,0 +1,147 @@
+//! Progress for people: bars on a terminal, a periodic log line otherwise.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::pipeline::Pass;
+
+/// Per-target progress of the main pass.
+struct TargetProgress {
+    estimated: u64,
+    /// Rows scanned before this run started (from the checkpoint).
+    resumed: u64,
+    /// Rows scanned by this run.
+    scanned: u64,
+    bar: Option<ProgressBar>,
+}
+
+/// Progress of every target of a run.
+pub struct Progress {
+    started: Instant,
+    /// When the last batch of any pass committed, for the stall watchdog.
+    last_commit: Mutex<Instant>,
+    targets: Mutex<BTreeMap<String, TargetProgress>>,
+    bars: Option<MultiProgress>,
+}
+
+impl Progress {
+    /// Shows bars when standard error is a terminal and `bars` is allowed.
+    pub fn new(bars: bool) -> Progress {
+        let bars = (bars && std::io::stderr().is_terminal())
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        Progress {
+            started: Instant::now(),
+            last_commit: Mutex::new(Instant::now()),
+            targets: Mutex::new(BTreeMap::new()),
+            bars,
+        }
+    }
+
+    pub fn add_target(&self, target: &str, estimated: u64, resumed: u64) {
+        let bar = self.bars.as_ref().map(|multi| {
+            let bar = multi.add(ProgressBar::new(estimated.max(resumed)));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} rows {per_sec} ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(target.to_string());
+            bar.set_position(resumed);
+            bar
+        });
+        self.targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                target.to_string(),
+                TargetProgress {
+                    estimated,
+                    resumed,
+                    scanned: 0,
+                    bar,
+                },
+            );
+    }
+
+    pub fn advance(&self, target: &str, pass: Pass, rows: u64) {
+        *self.last_commit.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        if pass != Pass::Main {
+            return;
+        }
+        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(progress) = targets.get_mut(target) {
+            progress.scanned += rows;
+            let done = progress.resumed + progress.scanned;
+            crate::metrics::set_rows_scanned(target, done);
+            if let Some(bar) = &progress.bar {
+                if done > bar.length().unwrap_or(0) {
+                    bar.set_length(done);
+                }
+                bar.set_position(done);
+            }
+        }
+    }
+
+    pub fn finish(&self) {
+        let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        for progress in targets.values() {
+            if let Some(bar) = &progress.bar {
+                bar.finish();
+            }
+        }
+    }
+
+    /// Logs one line per target: rows done, rate and ETA.
+    pub fn log(&self) {
+        let elapsed = self.started.elapsed().as_secs_f64().max(0.001);
+        let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        for (target, progress) in targets.iter() {
+            let done = progress.resumed + progress.scanned;
+            let rate = progress.scanned as f64 / elapsed;
+            let remaining = progress.estimated.saturating_sub(done);
+            let eta_seconds = if rate > 0.0 {
+                (remaining as f64 / rate).round() as u64
+            } else {
+                0
+            };
+            let percent = if progress.estimated > 0 {
+                (done as f64 * 100.0 / progress.estimated as f64).min(100.0)
+            } else {
+                0.0
+            };
+            tracing::info!(target = %target, rows_done = done, rows_estimated = progress.estimated, percent = format!("{percent:.1}"), rows_per_second = rate.round() as u64, eta_seconds, "Progress.");
+        }
+    }
+
+    /// Time since the last committed batch (or since the start).
+    pub fn idle_for(&self) -> Duration {
+        self.last_commit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+    }
+
+    /// Whether bars are drawn (then periodic log lines are not needed).
+    pub fn has_bars(&self) -> bool {
+        self.bars.is_some()
+    }
+}
+
+/// Logs progress every `interval` until the task is aborted.
+pub fn spawn_logger(
+    progress: std::sync::Arc<Progress>,
+    interval: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            progress.log();
+        }
+    })
+}

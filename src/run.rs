@@ -1,0 +1,709 @@
+//! The `run` command: validates the configuration, registers or resumes the
+//! job, takes the lease, rotates every range of this shard, sweeps, and
+//! returns the summary.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::{self, Counts, JobIdentity, RangeRecord};
+use crate::classify::Keyring;
+use crate::cli::{self, RunArgs, TargetArgs, TuningArgs};
+use crate::db::{Database, Timeouts};
+use crate::error::Failure;
+use crate::keys::KeySet;
+use crate::lease::{self, Holder};
+use crate::pipeline::{self, BatchSizing, Pass, PipelineSettings, RangeWork, RetryPolicy};
+use crate::progress::Progress;
+use crate::report::{RunSummary, TargetSummary};
+use crate::statements::Statements;
+use crate::target::{Target, TargetSpec, UniqueKeySpec};
+use crate::throttle::{Throttle, ThrottleSettings};
+
+/// Parses target and unique-key options; rejects duplicates and an empty list.
+pub fn parse_targets(args: &TargetArgs) -> Result<(Vec<TargetSpec>, Vec<UniqueKeySpec>), Failure> {
+    let specs: Vec<TargetSpec> = args
+        .targets
+        .iter()
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| TargetSpec::parse(t).map_err(|e| Failure::Config(e.to_string())))
+        .collect::<Result<_, _>>()?;
+    if specs.is_empty() {
+        return Err(Failure::Config(
+            "no target given: pass --target [schema.]table.column".into(),
+        ));
+    }
+    let unique_keys = args
+        .unique_keys
+        .iter()
+        .map(|u| UniqueKeySpec::parse(u).map_err(Failure::Config))
+        .collect::<Result<_, _>>()?;
+    Ok((specs, unique_keys))
+}
+
+/// Resolves every target against the catalog, in one read-only transaction.
+pub async fn resolve_targets(
+    db: &Database,
+    specs: &[TargetSpec],
+    unique_keys: &[UniqueKeySpec],
+) -> Result<Vec<Target>, Failure> {
+    let mut tx = db
+        .begin_read_only()
+        .await
+        .map_err(|e| Failure::from_database("cannot connect to the database", &e))?;
+    let mut targets: Vec<Target> = Vec::new();
+    for spec in specs {
+        let target = Target::resolve(&mut tx, spec, unique_keys)
+            .await
+            .map_err(|e| match e {
+                crate::target::ResolveError::Target(t) => Failure::Config(t.to_string()),
+                crate::target::ResolveError::Database(d) => {
+                    Failure::from_database("cannot read the catalog", &d)
+                }
+            })?;
+        if targets.iter().any(|t| t.label() == target.label()) {
+            return Err(Failure::Config(format!(
+                "target {} is given twice",
+                target.label()
+            )));
+        }
+        targets.push(target);
+    }
+    tx.commit()
+        .await
+        .map_err(|e| Failure::from_database("cannot read the catalog", &e))?;
+    Ok(targets)
+}
+
+/// Validates tuning options into timeouts, batch sizing and retry bounds.
+pub fn tuning(args: &TuningArgs) -> Result<(Timeouts, BatchSizing, RetryPolicy), Failure> {
+    let positive = |name: &str, value: u64| {
+        if value == 0 {
+            Err(Failure::Config(format!("{name} must be greater than 0")))
+        } else {
+            Ok(())
+        }
+    };
+    positive("--lock-timeout-ms", args.lock_timeout_ms)?;
+    positive("--statement-timeout-ms", args.statement_timeout_ms)?;
+    positive(
+        "--idle-in-transaction-timeout-ms",
+        args.idle_in_transaction_timeout_ms,
+    )?;
+    positive("--batch-max-bytes", args.batch_max_bytes as u64)?;
+    positive("--max-retries", u64::from(args.max_retries))?;
+    positive("--batch-target-ms", args.batch_target_ms)?;
+    if let Some(rows) = args.batch_size {
+        if rows == 0 || rows > 1_000_000 {
+            return Err(Failure::Config(format!(
+                "--batch-size must be between 1 and 1000000, got {rows}"
+            )));
+        }
+    }
+    if args.threads == Some(0) {
+        return Err(Failure::Config("--threads must be greater than 0".into()));
+    }
+
+    let timeouts = Timeouts {
+        lock_timeout_ms: args.lock_timeout_ms,
+        statement_timeout_ms: args.statement_timeout_ms,
+        idle_in_transaction_timeout_ms: args.idle_in_transaction_timeout_ms,
+    };
+    let sizing = match args.batch_size {
+        Some(rows) => BatchSizing {
+            rows,
+            min_rows: 1,
+            max_rows: rows,
+            max_bytes: args.batch_max_bytes,
+            target_duration: None,
+        },
+        None => BatchSizing {
+            rows: cli::DEFAULT_BATCH_ROWS,
+            min_rows: cli::MIN_BATCH_ROWS,
+            max_rows: cli::MAX_BATCH_ROWS,
+            max_bytes: args.batch_max_bytes,
+            target_duration: Some(Duration::from_millis(args.batch_target_ms)),
+        },
+    };
+    let retry = RetryPolicy {
+        max_attempts: args.max_retries,
+        max_elapsed: Duration::from_secs(args.retry_budget_secs),
+        base_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(30),
+    };
+    Ok((timeouts, sizing, retry))
+}
+
+/// Builds the rayon pool for decryption and encryption.
+pub fn crypto_pool(threads: Option<usize>) -> Result<Arc<rayon::ThreadPool>, Failure> {
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("reencrypt-crypto-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| Failure::Config(format!("cannot start {threads} crypto threads: {e}")))
+}
+
+/// The default job name: stable for the same targets and new key, so that
+/// rerunning the same command resumes the same job.
+pub fn default_job_name(targets: &[Target], keys: &KeySet) -> String {
+    let mut hash = Sha256::new();
+    for target in targets {
+        hash.update(target.label().as_bytes());
+        hash.update([0]);
+    }
+    let digest = hex::encode(hash.finalize());
+    format!(
+        "rotate-{}-{}",
+        &keys.new.key.fingerprint()[..8],
+        &digest[..8]
+    )
+}
+
+/// Ensures the target's ranges exist (the first runner of a job computes them),
+/// and returns them.
+async fn ensure_ranges(
+    db: &Database,
+    schema: &str,
+    job: &str,
+    target: &Target,
+    statements: &Statements,
+    range_count: usize,
+) -> Result<Vec<RangeRecord>, sqlx::Error> {
+    let label = target.label();
+    let mut tx = db.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("reencrypt job {job}"))
+        .execute(&mut *tx)
+        .await?;
+    let existing = checkpoint::load_ranges(&mut tx, schema, job, &label).await?;
+    if !existing.is_empty() {
+        tx.commit().await?;
+        return Ok(existing);
+    }
+
+    // The upper bound is fixed now, so the scan ends while the application
+    // keeps inserting rows (it writes those under the new key).
+    let upper: Option<Vec<String>> =
+        fetch_key(&mut tx, &statements.max_key, statements.key_len).await?;
+    let key_columns: Vec<String> = target.key.iter().map(|k| k.name.clone()).collect();
+    let bounds = match &upper {
+        None => vec![(None, None); 1],
+        Some(upper) if range_count == 1 => vec![(None, Some(upper.clone()))],
+        Some(upper) => {
+            let total: i64 = sqlx::query_scalar(&statements.count)
+                .fetch_one(&mut *tx)
+                .await?;
+            let step = (total / range_count as i64).max(1);
+            let mut query = sqlx::query(&statements.split_points);
+            for part in upper {
+                query = query.bind(part);
+            }
+            let rows = query.bind(step).fetch_all(&mut *tx).await?;
+            let mut points: Vec<Vec<String>> = Vec::new();
+            for row in rows.iter().take(range_count - 1) {
+                let mut key = Vec::with_capacity(statements.key_len);
+                for i in 0..statements.key_len {
+                    key.push(sqlx::Row::try_get::<String, _>(row, i)?);
+                }
+                points.push(key);
+            }
+            // Pad with empty ranges when the table has fewer rows than ranges.
+            let mut bounds = Vec::with_capacity(range_count);
+            let mut lower: Option<Vec<String>> = None;
+            for point in points {
+                bounds.push((lower.clone(), Some(point.clone())));
+                lower = Some(point);
+            }
+            bounds.push((lower.clone(), Some(upper.clone())));
+            while bounds.len() < range_count {
+                bounds.push((Some(upper.clone()), Some(upper.clone())));
+            }
+            bounds
+        }
+    };
+    let bounds = if upper.is_none() {
+        vec![(None, None); range_count]
+    } else {
+        bounds
+    };
+    checkpoint::insert_ranges(
+        &mut tx,
+        schema,
+        job,
+        &label,
+        &key_columns,
+        &bounds,
+        target.estimated_rows,
+    )
+    .await?;
+    if upper.is_none() {
+        // An empty table: every range is done at once.
+        for index in 0..range_count {
+            checkpoint::set_range_status(&mut tx, schema, job, &label, index as i32, "done")
+                .await?;
+        }
+    }
+    let ranges = checkpoint::load_ranges(&mut tx, schema, job, &label).await?;
+    tx.commit().await?;
+    Ok(ranges)
+}
+
+async fn fetch_key(
+    conn: &mut sqlx::PgConnection,
+    sql: &str,
+    key_len: usize,
+) -> Result<Option<Vec<String>>, sqlx::Error> {
+    let row = sqlx::query(sql).fetch_optional(conn).await?;
+    row.map(|row| {
+        (0..key_len)
+            .map(|i| sqlx::Row::try_get::<String, _>(&row, i))
+            .collect()
+    })
+    .transpose()
+}
+
+/// Runs the job to completion or to the first failure.
+pub async fn run(args: &RunArgs, stop: Arc<AtomicBool>) -> Result<RunSummary, Failure> {
+    let started_at = chrono::Utc::now();
+    let started = Instant::now();
+
+    // Everything the user typed is checked before any I/O.
+    let (specs, unique_keys) = parse_targets(&args.targets)?;
+    let (timeouts, sizing, retry) = tuning(&args.tuning)?;
+    if args.writers == 0 || args.writers > 64 {
+        return Err(Failure::Config(format!(
+            "--writers must be between 1 and 64, got {}",
+            args.writers
+        )));
+    }
+    if args.shard_count == 0 || args.shard_index >= args.shard_count {
+        return Err(Failure::Config(format!(
+            "--shard-index must be below --shard-count (got index {} of {})",
+            args.shard_index, args.shard_count
+        )));
+    }
+    if args.lease_ttl_secs < 3 {
+        return Err(Failure::Config(
+            "--lease-ttl-secs must be at least 3".into(),
+        ));
+    }
+    if let Some(rate) = args.max_rows_per_second {
+        if !(rate > 0.0 && rate.is_finite()) {
+            return Err(Failure::Config(
+                "--max-rows-per-second must be a positive number".into(),
+            ));
+        }
+    }
+    if let Some(lag) = args.max_replication_lag_secs {
+        if !(lag >= 0.0 && lag.is_finite()) {
+            return Err(Failure::Config(
+                "--max-replication-lag-secs must be zero or a positive number".into(),
+            ));
+        }
+    }
+    let keys = crate::keys::resolve(&args.keys).await?;
+    let pool = crypto_pool(args.tuning.threads)?;
+
+    // Database, schema, targets.
+    let writers = args.writers as usize;
+    let db = Database::connect_lazy(
+        &args.database.database_url,
+        (writers * 2 + 3) as u32,
+        timeouts,
+    )
+    .map_err(|e| {
+        Failure::Config(format!(
+            "invalid --database-url: {}",
+            crate::db::describe(&e)
+        ))
+    })?;
+    let targets = resolve_targets(&db, &specs, &unique_keys).await?;
+    checkpoint::migrate(&db, &args.database.schema)
+        .await
+        .map_err(|e| Failure::from_database("cannot create the checkpoint tables", &e))?;
+    let schema = args.database.schema.clone();
+
+    // The job: created, or resumed when everything matches.
+    let job = match &args.job {
+        Some(job) if job.trim().is_empty() => {
+            return Err(Failure::Config("--job must not be empty".into()))
+        }
+        Some(job) => job.clone(),
+        None => default_job_name(&targets, &keys),
+    };
+    let identity = JobIdentity {
+        job: job.clone(),
+        targets: targets.iter().map(Target::label).collect(),
+        new_key_fingerprint: keys.new.key.fingerprint(),
+        old_key_fingerprints: keys.old_fingerprints(),
+        new_key_version: keys.new.origin.vault_version().map(|v| v as i64),
+        old_key_versions: keys
+            .old
+            .iter()
+            .filter_map(|k| k.origin.vault_version())
+            .map(|v| v as i64)
+            .collect(),
+        shard_count: args.shard_count as i32,
+        writers: args.writers as i32,
+    };
+    let origins = serde_json::json!({
+        "new": { "fingerprint": keys.new.key.fingerprint(), "origin": keys.new.origin },
+        "old": keys.old.iter().map(|k| serde_json::json!({ "fingerprint": k.key.fingerprint(), "origin": k.origin })).collect::<Vec<_>>(),
+    });
+    {
+        let mut tx = db
+            .begin()
+            .await
+            .map_err(|e| Failure::from_database("cannot register the job", &e))?;
+        checkpoint::register_job(&mut tx, &schema, &identity, &origins, args.restart)
+            .await
+            .map_err(|e| Failure::from_database("cannot register the job", &e))?
+            .map_err(|e| Failure::Config(e.to_string()))?;
+        tx.commit()
+            .await
+            .map_err(|e| Failure::from_database("cannot register the job", &e))?;
+    }
+    crate::metrics::record_job_info(
+        &job,
+        &identity.new_key_fingerprint,
+        &identity.old_key_fingerprints.join(","),
+        &identity
+            .new_key_version
+            .map_or_else(String::new, |v| v.to_string()),
+        &identity
+            .old_key_versions
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    crate::metrics::record_state("running");
+
+    // One runner per job and shard.
+    let shard = args.shard_index as i32;
+    let holder = Holder::current();
+    let ttl = Duration::from_secs(args.lease_ttl_secs);
+    lease::acquire(&db, &schema, &job, shard, &holder, ttl)
+        .await
+        .map_err(|e| match e {
+            lease::LeaseError::Busy(busy) => Failure::Retryable(busy.to_string()),
+            lease::LeaseError::Database(d) => {
+                Failure::from_database("cannot take the job's lease", &d)
+            }
+        })?;
+    let lease_lost = Arc::new(AtomicBool::new(false));
+    let heartbeat = lease::spawn_heartbeat(
+        db.clone(),
+        schema.clone(),
+        job.clone(),
+        shard,
+        holder.clone(),
+        ttl,
+        lease_lost.clone(),
+    );
+    tracing::info!(job = %job, shard, shard_count = args.shard_count, writers, targets = targets.len(), "Job started.");
+
+    let progress = Arc::new(Progress::new(
+        args.output.progress != cli::ProgressMode::Off
+            && args.output.progress != cli::ProgressMode::Log,
+    ));
+    let settings = PipelineSettings {
+        db: db.clone(),
+        schema: schema.clone(),
+        job: job.clone(),
+        shard,
+        holder: holder.clone(),
+        keyring: Arc::new(Keyring::new(
+            keys.new.key.clone(),
+            keys.old.iter().map(|k| k.key.clone()).collect(),
+        )),
+        crypto_pool: pool,
+        batch: sizing,
+        retry,
+        stop: stop.clone(),
+        lease_lost: lease_lost.clone(),
+        throttle: Arc::new(Throttle::new(
+            ThrottleSettings {
+                max_rows_per_second: args.max_rows_per_second,
+                pause_between_batches: args.pause_between_batches_ms.map(Duration::from_millis),
+                max_replication_lag: args.max_replication_lag_secs.map(Duration::from_secs_f64),
+            },
+            db.clone(),
+        )),
+        progress: progress.clone(),
+    };
+    let logger =
+        (args.output.progress != cli::ProgressMode::Off && !progress.has_bars()).then(|| {
+            crate::progress::spawn_logger(
+                progress.clone(),
+                Duration::from_secs(args.output.progress_interval_secs.max(1)),
+            )
+        });
+
+    // The work itself, watched for stalls.
+    let work = rotate_all(&settings, &targets, args);
+    let stall = Duration::from_secs(args.stall_timeout_secs.max(1));
+    let outcome = tokio::select! {
+        result = work => result,
+        reason = watch_for_stall(progress.clone(), stall) => Err(Failure::Retryable(reason)),
+    };
+    if let Some(logger) = logger {
+        logger.abort();
+    }
+    progress.finish();
+    heartbeat.abort();
+
+    // Record the job's state and release the lease, whatever happened.
+    let (sweeps, sweep_remaining) = match &outcome {
+        Ok(sweeps) => *sweeps,
+        Err(_) => (0, 0),
+    };
+    let lease_was_lost = lease_lost.load(Ordering::SeqCst);
+    let state = match &outcome {
+        Ok(_) => "finished",
+        Err(Failure::Interrupted) => "interrupted",
+        Err(_) => "failed",
+    };
+    let summary = finish(
+        &db,
+        &schema,
+        &job,
+        &targets,
+        state,
+        lease_was_lost,
+        shard,
+        &holder,
+        args.output.report_limit,
+    )
+    .await;
+    crate::metrics::record_state(
+        if state == "finished" && summary.as_ref().is_ok_and(|s| !s.job_finished) {
+            "running"
+        } else {
+            state
+        },
+    );
+    let mut summary = match (outcome, summary) {
+        (Err(failure), _) => return Err(failure),
+        (Ok(_), Err(failure)) => return Err(failure),
+        (Ok(_), Ok(summary)) => summary,
+    };
+    summary.started_at = started_at;
+    summary.finished_at = chrono::Utc::now();
+    summary.duration_seconds = started.elapsed().as_secs_f64();
+    summary.sweeps = sweeps;
+    summary.sweep_last_found = sweep_remaining;
+    summary.key_fingerprints = identity.clone();
+    Ok(summary)
+}
+
+/// Resolves after `stall` passes with no committed batch.
+async fn watch_for_stall(progress: Arc<Progress>, stall: Duration) -> String {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1).min(stall)).await;
+        let idle = progress.idle_for();
+        if idle >= stall {
+            let reason = format!("no batch committed for {}s (stall timeout); a rerun resumes from the last checkpoint", idle.as_secs());
+            tracing::error!(idle_seconds = idle.as_secs(), "{reason}");
+            return reason;
+        }
+    }
+}
+
+/// Rotates every range of this shard, target by target, then sweeps.
+/// Returns the number of sweeps done and the old-key values the last one found.
+async fn rotate_all(
+    settings: &PipelineSettings,
+    targets: &[Target],
+    args: &RunArgs,
+) -> Result<(u32, i64), Failure> {
+    let writers = args.writers as usize;
+    let range_count = writers * args.shard_count as usize;
+    let first = args.shard_index as usize * writers;
+    let mut prepared = Vec::new();
+
+    for target in targets {
+        let label = target.label();
+        let statements = Arc::new(Statements::new(target, &settings.schema));
+        let ranges = ensure_ranges(
+            &settings.db,
+            &settings.schema,
+            &settings.job,
+            target,
+            &statements,
+            range_count,
+        )
+        .await
+        .map_err(|e| Failure::from_database("cannot prepare the target's key ranges", &e))?;
+        if ranges.len() != range_count {
+            return Err(Failure::Config(format!(
+                "job {} has {} ranges for {label}, but {} shards x {} writers need {range_count}; use the settings the job started with, or --restart",
+                settings.job, ranges.len(), args.shard_count, writers
+            )));
+        }
+        let mine: Vec<RangeRecord> = ranges[first..first + writers].to_vec();
+        let estimated: i64 = mine.iter().map(|r| r.rows_estimated).sum();
+        let resumed: i64 = mine.iter().map(|r| r.counts.rows_scanned).sum();
+        crate::metrics::register_target(&label, estimated, resumed);
+        settings
+            .progress
+            .add_target(&label, estimated.max(0) as u64, resumed.max(0) as u64);
+        prepared.push((label, statements, mine, ranges.len()));
+    }
+
+    // The keyset pass, range by range, `writers` ranges at a time.
+    for (label, statements, mine, _) in &prepared {
+        let pending: Vec<&RangeRecord> = mine.iter().filter(|r| r.status != "done").collect();
+        let results: Vec<Result<(), Failure>> = futures::stream::iter(pending)
+            .map(|range| {
+                let statements = statements.clone();
+                async move {
+                    let work = RangeWork {
+                        target_label: label.clone(),
+                        range_index: range.range_index,
+                        after: range.last_key.clone().or_else(|| range.lower_key.clone()),
+                        upper: range.upper_key.clone(),
+                    };
+                    tracing::info!(target = %label, range = range.range_index, resumed_after = ?work.after.as_ref().map(|k| crate::statements::key_label(k)), "Range started.");
+                    pipeline::run_range(settings, statements, work, Pass::Main).await?;
+                    let mut tx = settings.db.begin().await.map_err(|e| Failure::from_database("cannot mark the range done", &e))?;
+                    checkpoint::set_range_status(&mut tx, &settings.schema, &settings.job, label, range.range_index, "done")
+                        .await
+                        .map_err(|e| Failure::from_database("cannot mark the range done", &e))?;
+                    tx.commit().await.map_err(|e| Failure::from_database("cannot mark the range done", &e))?;
+                    tracing::info!(target = %label, range = range.range_index, "Range done.");
+                    Ok(())
+                }
+            })
+            .buffer_unordered(writers)
+            .collect()
+            .await;
+        // Report an interruption over other failures only when nothing else failed.
+        let mut interrupted = false;
+        for result in results {
+            match result {
+                Ok(()) => {}
+                Err(Failure::Interrupted) => interrupted = true,
+                Err(other) => return Err(other),
+            }
+        }
+        if interrupted {
+            return Err(Failure::Interrupted);
+        }
+    }
+
+    // Final sweeps: values written under an old key while the pass ran.
+    let mut sweeps = 0;
+    let mut last_found = 0;
+    for round in 0..args.max_sweeps {
+        let mut found = 0;
+        for (label, statements, mine, total_ranges) in &prepared {
+            for range in mine {
+                let is_last = range.range_index as usize == total_ranges - 1;
+                let work = RangeWork {
+                    target_label: label.clone(),
+                    range_index: range.range_index,
+                    after: range.lower_key.clone(),
+                    // The last range sweeps past the fixed bound, over rows inserted since.
+                    upper: if is_last {
+                        None
+                    } else {
+                        range.upper_key.clone()
+                    },
+                };
+                let counts =
+                    pipeline::run_range(settings, statements.clone(), work, Pass::Sweep).await?;
+                found += counts.reencrypted;
+            }
+        }
+        sweeps = round + 1;
+        last_found = found;
+        tracing::info!(sweep = sweeps, rotated = found, "Sweep done.");
+        if found == 0 {
+            break;
+        }
+    }
+    Ok((sweeps, last_found))
+}
+
+/// Marks the job's state, releases the lease, and reads the summary.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    db: &Database,
+    schema: &str,
+    job: &str,
+    targets: &[Target],
+    state: &str,
+    lease_lost: bool,
+    shard: i32,
+    holder: &Holder,
+    report_limit: i64,
+) -> Result<RunSummary, Failure> {
+    let context = "cannot record the end of the run";
+    let mut tx = db
+        .begin()
+        .await
+        .map_err(|e| Failure::from_database(context, &e))?;
+    let open: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {}.ranges WHERE job = $1 AND status <> 'done'",
+        crate::target::quote_ident(schema)
+    ))
+    .bind(job)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| Failure::from_database(context, &e))?;
+    let job_state = match state {
+        "finished" if open > 0 => "running",
+        other => other,
+    };
+    if !lease_lost {
+        checkpoint::set_job_status(&mut tx, schema, job, job_state)
+            .await
+            .map_err(|e| Failure::from_database(context, &e))?;
+    }
+    let counts = checkpoint::job_counts(&mut tx, schema, job)
+        .await
+        .map_err(|e| Failure::from_database(context, &e))?;
+    let attention = checkpoint::attention_keys(&mut tx, schema, job, report_limit)
+        .await
+        .map_err(|e| Failure::from_database(context, &e))?;
+    tx.commit()
+        .await
+        .map_err(|e| Failure::from_database(context, &e))?;
+    if !lease_lost {
+        if let Err(error) = lease::release_own(db, schema, job, shard, holder).await {
+            tracing::warn!(error = %crate::db::describe(&error), "Could not release the job's lease; it expires by itself.");
+        }
+    }
+
+    Ok(RunSummary {
+        job: job.to_string(),
+        job_finished: open == 0,
+        targets: targets
+            .iter()
+            .map(|t| TargetSummary {
+                target: t.label(),
+                key_columns: t.key.iter().map(|k| k.name.clone()).collect(),
+                index: t.index_name.clone(),
+                counts: counts.get(&t.label()).copied().unwrap_or_default(),
+            })
+            .collect(),
+        attention,
+        ..RunSummary::default()
+    })
+}
+
+/// Sums the counts of every target.
+pub fn total(summary: &RunSummary) -> Counts {
+    let mut total = Counts::default();
+    for target in &summary.targets {
+        total.add(&target.counts);
+    }
+    total
+}

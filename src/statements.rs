@@ -1,0 +1,176 @@
+//! SQL text for one target, built once when the target starts. Identifiers
+//! come from the catalog and are always quoted; values are always bound.
+
+use crate::target::{quote_ident, Target};
+
+/// The statements used to page through, rewrite and checkpoint one target.
+#[derive(Debug, Clone)]
+pub struct Statements {
+    /// Number of key columns; key values travel as text, one parameter each.
+    pub key_len: usize,
+    /// Keyset fetch, by which bounds are present: [none, lower, upper, both].
+    fetch: [String; 4],
+    /// Compare-and-swap update from arrays; returns the ordinals written.
+    pub write: String,
+    /// Locks rows by key and reads their current values; returns ordinals.
+    pub lock: String,
+    /// Advances a range's checkpoint, if this runner still holds the lease.
+    pub checkpoint: String,
+    /// Adds a sweep's counts, if this runner still holds the lease.
+    pub sweep_checkpoint: String,
+    /// Records rows needing attention.
+    pub attention: String,
+    /// The largest key, which fixes the scan's upper bound.
+    pub max_key: String,
+    /// Row count of the table.
+    pub count: String,
+    /// Every `step`-th key in order, to split the key space into ranges.
+    pub split_points: String,
+}
+
+impl Statements {
+    pub fn new(target: &Target, schema: &str) -> Statements {
+        let table = target.quoted_table();
+        let column = target.quoted_column();
+        let key_len = target.key.len();
+        // Columns are qualified with the alias `t` everywhere: an unqualified name
+        // in ORDER BY would bind to an output column such as `id::text AS id`.
+        let key_names: Vec<String> = target
+            .key
+            .iter()
+            .map(|k| format!("t.{}", quote_ident(&k.name)))
+            .collect();
+        let key_list = key_names.join(", ");
+        let key_text = key_names
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{k}::text AS k{}", i + 1))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let params = |first: usize| -> String {
+            target
+                .key
+                .iter()
+                .enumerate()
+                .map(|(i, k)| format!("${}::{}", first + i, k.type_name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+
+        // Keyset fetch: ($1..$n) is the exclusive lower bound, the next n
+        // parameters the inclusive upper bound, the last one the row limit.
+        let select = format!("SELECT {key_text}, t.{column}::text AS value FROM {table} AS t");
+        let order = format!("ORDER BY {key_list}");
+        let lower = format!("({key_list}) > ({})", params(1));
+        let upper_from = |first| format!("({key_list}) <= ({})", params(first));
+        let fetch = [
+            format!("{select} {order} LIMIT $1"),
+            format!("{select} WHERE {lower} {order} LIMIT ${}", key_len + 1),
+            format!(
+                "{select} WHERE {} {order} LIMIT ${}",
+                upper_from(1),
+                key_len + 1
+            ),
+            format!(
+                "{select} WHERE {lower} AND {} {order} LIMIT ${}",
+                upper_from(key_len + 1),
+                2 * key_len + 1
+            ),
+        ];
+
+        // Arrays: one text[] per key column, then old values, then new values.
+        let array_columns: Vec<String> = (1..=key_len).map(|i| format!("k{i}")).collect();
+        let arrays = (1..=key_len + 2)
+            .map(|i| format!("${i}::text[]"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let join_keys = target
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("t.{} = u.k{}::{}", quote_ident(&k.name), i + 1, k.type_name))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        // COLLATE "C" makes the comparison byte-exact whatever the column's collation.
+        let write = format!(
+            "UPDATE {table} AS t SET {column} = u.new_value \
+             FROM unnest({arrays}) WITH ORDINALITY AS u({}, old_value, new_value, ord) \
+             WHERE {join_keys} AND t.{column}::text COLLATE \"C\" = u.old_value COLLATE \"C\" \
+             RETURNING u.ord",
+            array_columns.join(", ")
+        );
+        let lock_arrays = (1..=key_len)
+            .map(|i| format!("${i}::text[]"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let lock = format!(
+            "SELECT u.ord, t.{column}::text FROM unnest({lock_arrays}) WITH ORDINALITY AS u({}, ord) \
+             JOIN {table} AS t ON {join_keys} FOR UPDATE OF t",
+            array_columns.join(", ")
+        );
+
+        let q = quote_ident(schema);
+        let lease_check = format!(
+            "EXISTS (SELECT 1 FROM {q}.leases l WHERE l.job = $1 AND l.shard = $4 AND l.holder = $5 AND l.expires_at > now())"
+        );
+        let checkpoint = format!(
+            "UPDATE {q}.ranges SET last_key = $6, rows_scanned = rows_scanned + $7, reencrypted = reencrypted + $8, \
+             current = current + $9, null_values = null_values + $10, not_in_format = not_in_format + $11, \
+             undecryptable = undecryptable + $12, ambiguous = ambiguous + $13, deleted = deleted + $14, \
+             write_rejected = write_rejected + $15, conflicts = conflicts + $16, batches = batches + 1, \
+             status = 'running', started_at = COALESCE(started_at, now()), updated_at = now() \
+             WHERE job = $1 AND target = $2 AND range_index = $3 AND {lease_check}"
+        );
+        let sweep_checkpoint = format!(
+            "UPDATE {q}.ranges SET sweep_reencrypted = sweep_reencrypted + $6, conflicts = conflicts + $7, \
+             updated_at = now() WHERE job = $1 AND target = $2 AND range_index = $3 AND {lease_check}"
+        );
+        let attention = format!(
+            "INSERT INTO {q}.attention (job, target, key, outcome) \
+             SELECT $1, $2, k, o FROM unnest($3::text[], $4::text[]) AS u(k, o) \
+             ON CONFLICT (job, target, key) DO UPDATE SET outcome = EXCLUDED.outcome, recorded_at = now()"
+        );
+
+        let descending = key_names
+            .iter()
+            .map(|k| format!("{k} DESC"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let max_key = format!("SELECT {key_text} FROM {table} AS t ORDER BY {descending} LIMIT 1");
+        let count = format!("SELECT count(*) FROM {table}");
+        let split_points = format!(
+            "SELECT * FROM (SELECT {key_text}, row_number() OVER ({order}) AS position FROM {table} AS t \
+             WHERE ({key_list}) <= ({})) s WHERE position % $ {} = 0",
+            params(1),
+            key_len + 1
+        )
+        .replace("$ ", "$");
+
+        Statements {
+            key_len,
+            fetch,
+            write,
+            lock,
+            checkpoint,
+            sweep_checkpoint,
+            attention,
+            max_key,
+            count,
+            split_points,
+        }
+    }
+
+    /// The fetch statement for the bounds present.
+    pub fn fetch(&self, has_lower: bool, has_upper: bool) -> &str {
+        &self.fetch[usize::from(has_lower) + 2 * usize::from(has_upper)]
+    }
+}
+
+/// Formats a key for reports: a one-column key as its text, a composite key as a JSON array.
+pub fn key_label(parts: &[String]) -> String {
+    if parts.len() == 1 {
+        parts[0].clone()
+    } else {
+        serde_json::to_string(parts).unwrap_or_default()
+    }
+}
