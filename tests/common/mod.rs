@@ -1,0 +1,204 @@
+//! Shared test harness: a fresh PostgreSQL database per test, key files, the
+//! real binary, and the known-answer vectors.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use reencrypt::keys::Key;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+
+/// Server URL without a database; override with REENCRYPT_TEST_PG.
+pub fn server_url() -> String {
+    std::env::var("REENCRYPT_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
+}
+
+/// A fresh database, dropped when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let mut random = [0u8; 6];
+        getrandom::getrandom(&mut random).unwrap();
+        let name = format!("reencrypt_test_{}", hex::encode(random));
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{}/postgres", server_url()))
+            .await
+            .expect("PostgreSQL must be running on 127.0.0.1:5432 (see README)");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let url = format!("{}/{name}", server_url());
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&url)
+            .await
+            .unwrap();
+        TestDb { name, url, pool }
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        sqlx::raw_sql(sql)
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Values of `column` keyed by the text of `key`, ordered by key.
+    pub async fn values(
+        &self,
+        table: &str,
+        key: &str,
+        column: &str,
+    ) -> Vec<(String, Option<String>)> {
+        sqlx::query_as(&format!(
+            "SELECT {key}::text, {column}::text FROM {table} ORDER BY {key}"
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let url = format!("{}/postgres", server_url());
+        // Dropping needs its own runtime: the test's may be shutting down.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                if let Ok(admin) = PgPoolOptions::new().max_connections(1).connect(&url).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&admin)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A key and the file holding it.
+pub struct KeyFile {
+    pub key: Key,
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl KeyFile {
+    pub fn new(key: Key) -> KeyFile {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.txt");
+        std::fs::write(&path, format!("{}\n", key.to_hex().as_str())).unwrap();
+        KeyFile {
+            key,
+            path,
+            _dir: dir,
+        }
+    }
+
+    pub fn generate() -> KeyFile {
+        KeyFile::new(Key::generate())
+    }
+
+    pub fn from_hex(hex: &str) -> KeyFile {
+        KeyFile::new(Key::from_hex(hex).unwrap())
+    }
+}
+
+/// The binary under test.
+pub fn binary() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_reencrypt"));
+    command.env_remove("DATABASE_URL");
+    command.env_remove("NEW_ENCRYPTION_KEY");
+    command.env_remove("OLD_ENCRYPTION_KEY");
+    command.env_remove("VAULT_ADDR");
+    command.env_remove("VAULT_TOKEN");
+    command.env("RUST_LOG", "warn");
+    command
+}
+
+/// `reencrypt run` on one or more targets with the given key files.
+pub fn run_command(db: &TestDb, targets: &[&str], old: &[&Path], new: &Path) -> Command {
+    let mut command = binary();
+    command
+        .arg("run")
+        .arg("--database-url")
+        .arg(&db.url)
+        .arg("--metrics-listen")
+        .arg("off");
+    for target in targets {
+        command.arg("--target").arg(target);
+    }
+    for path in old {
+        command.arg("--old-key-file").arg(path);
+    }
+    command.arg("--new-key-file").arg(new);
+    command
+}
+
+pub fn output_text(output: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The known-answer vectors made with Node's crypto.
+pub struct Vectors {
+    pub key_a: String,
+    pub key_b: String,
+    pub vectors: Vec<Vector>,
+}
+
+pub struct Vector {
+    pub name: String,
+    pub value: String,
+    /// What the application reads with key A; `None` when it cannot read the value.
+    pub app_reads_as: Option<String>,
+}
+
+/// Path of the shared vectors file, beside the repository.
+pub fn vectors_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/cbc-vectors.json")
+}
+
+pub fn load_vectors() -> Vectors {
+    let text = std::fs::read_to_string(vectors_path())
+        .expect("../shared/fixtures/cbc-vectors.json must exist beside the repository");
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let vectors = json["vectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| Vector {
+            name: v["name"].as_str().unwrap().to_string(),
+            value: v["value"].as_str().unwrap().to_string(),
+            app_reads_as: v["app_reads_as"].as_str().map(str::to_string),
+        })
+        .collect();
+    Vectors {
+        key_a: json["keys"]["A"].as_str().unwrap().to_string(),
+        key_b: json["keys"]["B"].as_str().unwrap().to_string(),
+        vectors,
+    }
+}
+
+/// A value under key A of the vectors file that also decrypts under key B
+/// (found by search: about one random single-block value in 2^23 does).
+pub const AMBIGUOUS_UNDER_A_AND_B: &str = "x+vMN2XjzNbHj2yYHTzyIQ==:80YZpAsQyn/e8oWEHN+C7g==";

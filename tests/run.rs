@@ -1,0 +1,784 @@
+//! The main job end to end: the real binary against a fresh PostgreSQL
+//! database per test.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::{load_vectors, output_text, run_command, KeyFile, TestDb, AMBIGUOUS_UNDER_A_AND_B};
+use reencrypt::classify::{decrypt_to_string, encrypt_string};
+use reencrypt::keys::Key;
+
+/// Runs a command and parses its `--format json` summary.
+fn run_json(command: &mut std::process::Command) -> (i32, serde_json::Value, String) {
+    let output = command.arg("--format").arg("json").output().unwrap();
+    let text = output_text(&output);
+    let code = output.status.code().unwrap_or(-1);
+    let json = serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
+    (code, json, text)
+}
+
+fn counts(summary: &serde_json::Value, target: usize) -> HashMap<String, i64> {
+    summary["targets"][target]["counts"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no counts in {summary}"))
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_i64().unwrap()))
+        .collect()
+}
+
+fn is_canonical(value: &str) -> bool {
+    let Some((iv, ciphertext)) = value.split_once(':') else {
+        return false;
+    };
+    use base64::Engine;
+    let engine = base64::engine::general_purpose::STANDARD;
+    engine.decode(iv).is_ok_and(|b| b.len() == 16)
+        && engine.decode(ciphertext).is_ok()
+        && !ciphertext.contains(':')
+}
+
+/// Rotates every vector (plus a value under both A and B) from key A to `new`
+/// and checks the vectors' rule; returns the summary's counts.
+async fn rotate_vectors(new: &KeyFile) -> (i32, HashMap<String, i64>, Vec<String>, i64) {
+    let db = TestDb::new().await;
+    let vectors = load_vectors();
+    let old = KeyFile::from_hex(&vectors.key_a);
+    db.exec("CREATE TABLE secrets (id bigint PRIMARY KEY, value text)")
+        .await;
+    for (index, vector) in vectors.vectors.iter().enumerate() {
+        sqlx::query("INSERT INTO secrets VALUES ($1, $2)")
+            .bind(index as i64 + 1)
+            .bind(&vector.value)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    let ambiguous_id = vectors.vectors.len() as i64 + 1;
+    sqlx::query("INSERT INTO secrets VALUES ($1, $2)")
+        .bind(ambiguous_id)
+        .bind(AMBIGUOUS_UNDER_A_AND_B)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let (code, summary, text) = run_json(&mut run_command(
+        &db,
+        &["secrets.value"],
+        &[&old.path],
+        &new.path,
+    ));
+    let after: HashMap<String, Option<String>> = db
+        .values("secrets", "id", "value")
+        .await
+        .into_iter()
+        .collect();
+    let mut readable = 0;
+    for (index, vector) in vectors.vectors.iter().enumerate() {
+        let stored = after[&(index + 1).to_string()].clone().unwrap();
+        match &vector.app_reads_as {
+            Some(plaintext) => {
+                readable += 1;
+                let read = decrypt_to_string(&new.key, &stored);
+                assert_eq!(
+                    read.as_deref().map(String::as_str),
+                    Some(plaintext.as_str()),
+                    "vector {:?}: {text}",
+                    vector.name
+                );
+                assert!(
+                    is_canonical(&stored),
+                    "vector {:?} was written as {stored:?}",
+                    vector.name
+                );
+                assert!(
+                    decrypt_to_string(&old.key, &stored).is_none(),
+                    "vector {:?} still reads under the old key",
+                    vector.name
+                );
+            }
+            None => assert_eq!(
+                stored, vector.value,
+                "vector {:?} must be left byte-for-byte",
+                vector.name
+            ),
+        }
+    }
+    let ambiguous_after = after[&ambiguous_id.to_string()].clone().unwrap();
+    if new.key == Key::from_hex(&vectors.key_b).unwrap() {
+        assert_eq!(
+            ambiguous_after, AMBIGUOUS_UNDER_A_AND_B,
+            "a value readable under both keys is left unchanged"
+        );
+    } else {
+        // Under a third key the value reads only under A, as the application reads it.
+        let expected = decrypt_to_string(&old.key, AMBIGUOUS_UNDER_A_AND_B).unwrap();
+        assert_eq!(
+            decrypt_to_string(&new.key, &ambiguous_after).as_deref(),
+            Some(&*expected)
+        );
+    }
+    let attention: Vec<String> = summary["attention"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a[1].as_str().unwrap().to_string())
+        .collect();
+    (code, counts(&summary, 0), attention, readable)
+}
+
+#[tokio::test]
+async fn vectors_rotate_to_key_b() {
+    // Key B is the vectors' "wrong key": that value is current under B, and
+    // the value readable under both A and B is ambiguous.
+    let vectors = load_vectors();
+    let new = KeyFile::from_hex(&vectors.key_b);
+    let (code, counts, attention, readable) = rotate_vectors(&new).await;
+    let total = vectors.vectors.len() as i64 + 1;
+    assert_eq!(code, 3, "an ambiguous row makes exit code 3");
+    assert_eq!(counts["rows_scanned"], total);
+    assert_eq!(counts["reencrypted"], readable);
+    assert_eq!(counts["ambiguous"], 1);
+    assert_eq!(counts["current"], 1);
+    assert_eq!(counts["undecryptable"], 0);
+    assert_eq!(counts["not_in_format"], total - readable - 2);
+    assert!(
+        attention.contains(&total.to_string()),
+        "the ambiguous row's key is reported: {attention:?}"
+    );
+}
+
+#[tokio::test]
+async fn vectors_rotate_to_a_third_key() {
+    let vectors = load_vectors();
+    let new = KeyFile::generate();
+    let (code, counts, _, readable) = rotate_vectors(&new).await;
+    let total = vectors.vectors.len() as i64 + 1;
+    assert_eq!(code, 3, "the value under key B is undecryptable");
+    assert_eq!(counts["rows_scanned"], total);
+    assert_eq!(counts["reencrypted"], readable + 1);
+    assert_eq!(counts["undecryptable"], 1);
+    assert_eq!(counts["ambiguous"], 0);
+    assert_eq!(counts["not_in_format"], total - readable - 2);
+}
+
+#[tokio::test]
+async fn mixed_table_gives_exact_counts() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let stranger = Key::generate();
+    db.exec("CREATE TABLE creds (id int PRIMARY KEY, secret text, note text)")
+        .await;
+
+    // 40 old-key rows (10 of them with lenient encodings), 5 current, 3 NULL,
+    // 2 plaintext, 2 under an unknown key, 2 truncated.
+    let mut rows: Vec<(i32, Option<String>, &str)> = Vec::new();
+    let mut id = 0;
+    let mut next = || {
+        id += 1;
+        id
+    };
+    for i in 0..30 {
+        rows.push((
+            next(),
+            Some(encrypt_string(&old.key, &format!("old-{i}"))),
+            "old",
+        ));
+    }
+    for i in 0..10 {
+        let value = encrypt_string(&old.key, &format!("lenient-{i}"));
+        let lenient = match i % 3 {
+            0 => value.replace('=', ""),
+            1 => value.replace('+', "-").replace('/', "_"),
+            _ => format!("{}\n", value.replace(':', ":\n")),
+        };
+        rows.push((next(), Some(lenient), "lenient"));
+    }
+    for i in 0..5 {
+        rows.push((
+            next(),
+            Some(encrypt_string(&new.key, &format!("new-{i}"))),
+            "current",
+        ));
+    }
+    for _ in 0..3 {
+        rows.push((next(), None, "null"));
+    }
+    rows.push((next(), Some("plain text".into()), "plain"));
+    rows.push((next(), Some("".into()), "plain"));
+    rows.push((next(), Some(encrypt_string(&stranger, "x")), "stranger"));
+    rows.push((
+        next(),
+        Some(encrypt_string(
+            &stranger,
+            "a longer plaintext for the stranger key",
+        )),
+        "stranger",
+    ));
+    let full = encrypt_string(&old.key, "truncated one");
+    rows.push((
+        next(),
+        Some(full[..full.len() - 8].to_string()),
+        "truncated",
+    ));
+    rows.push((
+        next(),
+        Some(format!("{}:", full.split(':').next().unwrap())),
+        "truncated",
+    ));
+    for (id, value, kind) in &rows {
+        sqlx::query("INSERT INTO creds VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(value)
+            .bind(kind)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+
+    let (code, summary, text) = run_json(&mut run_command(
+        &db,
+        &["public.creds.secret"],
+        &[&old.path],
+        &new.path,
+    ));
+    let counts = counts(&summary, 0);
+    assert_eq!(counts["rows_scanned"], 54, "{text}");
+    assert_eq!(counts["reencrypted"], 40);
+    assert_eq!(counts["current"], 5);
+    assert_eq!(counts["null"], 3);
+    assert_eq!(
+        counts["not_in_format"], 4,
+        "plaintext, empty and truncated values"
+    );
+    assert_eq!(counts["undecryptable"], 2, "values under a key not given");
+    assert_eq!(counts["ambiguous"], 0);
+    assert_eq!(code, 3, "{text}");
+
+    let after: HashMap<String, Option<String>> = db
+        .values("creds", "id", "secret")
+        .await
+        .into_iter()
+        .collect();
+    for (id, before, kind) in &rows {
+        let now = after[&id.to_string()].clone();
+        match *kind {
+            "old" | "lenient" => {
+                let expected = decrypt_to_string(&old.key, before.as_deref().unwrap()).unwrap();
+                let read = decrypt_to_string(&new.key, now.as_deref().unwrap());
+                assert_eq!(read.as_deref(), Some(&*expected), "row {id} ({kind})");
+                assert!(
+                    is_canonical(now.as_deref().unwrap()),
+                    "row {id} written canonically"
+                );
+            }
+            _ => assert_eq!(&now, before, "row {id} ({kind}) must be unchanged"),
+        }
+    }
+    let notes: i64 = sqlx::query_scalar("SELECT count(*) FROM creds WHERE note IS NULL")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(notes, 0, "other columns are untouched");
+
+    // A second run finds everything current and changes nothing.
+    let before_second: Vec<(String, Option<String>)> = db.values("creds", "id", "secret").await;
+    let (code, summary, text) = run_json(
+        run_command(&db, &["public.creds.secret"], &[&old.path], &new.path).arg("--restart"),
+    );
+    assert_eq!(code, 3, "{text}");
+    assert_eq!(counts_of(&summary)["reencrypted"], 0);
+    assert_eq!(counts_of(&summary)["current"], 45);
+    assert_eq!(db.values("creds", "id", "secret").await, before_second);
+}
+
+fn counts_of(summary: &serde_json::Value) -> HashMap<String, i64> {
+    counts(summary, 0)
+}
+
+/// Fills `table` (bigint key `id`, text `secret`) with `rows` old-key values.
+async fn fill(db: &TestDb, table: &str, rows: i64, old: &Key) {
+    db.exec(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, secret text NOT NULL)"
+    ))
+    .await;
+    let ids: Vec<i64> = (1..=rows).collect();
+    let values: Vec<String> = ids
+        .iter()
+        .map(|id| encrypt_string(old, &format!("plain-{id}")))
+        .collect();
+    sqlx::query(&format!(
+        "INSERT INTO {table} SELECT * FROM unnest($1::int8[], $2::text[])"
+    ))
+    .bind(&ids)
+    .bind(&values)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+async fn assert_all_rotated(db: &TestDb, table: &str, rows: i64, new: &Key) {
+    let after = db.values(table, "id", "secret").await;
+    assert_eq!(after.len() as i64, rows);
+    for (id, value) in after {
+        let read = decrypt_to_string(new, value.as_deref().unwrap());
+        assert_eq!(
+            read.as_deref().map(String::as_str),
+            Some(format!("plain-{id}").as_str()),
+            "row {id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn resume_after_kill_and_signal() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 6000;
+    fill(&db, "t", rows, &old.key).await;
+    let slow = |command: &mut std::process::Command| {
+        command.args([
+            "--batch-size",
+            "200",
+            "--max-rows-per-second",
+            "2000",
+            "--max-sweeps",
+            "0",
+        ]);
+    };
+
+    // SIGKILL part-way.
+    let mut command = run_command(&db, &["t.secret"], &[&old.path], &new.path);
+    slow(&mut command);
+    let mut child = command.stdout(std::process::Stdio::null()).spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let scanned: i64 = sqlx::query_scalar("SELECT rows_scanned FROM reencrypt.ranges")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        scanned > 0 && scanned < rows,
+        "killed part-way, scanned {scanned}"
+    );
+
+    // SIGTERM part-way: exits 4 after a clean checkpoint.
+    let mut command = run_command(&db, &["t.secret"], &[&old.path], &new.path);
+    slow(&mut command);
+    let child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let pid = child.id() as i32;
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(4), "{}", output_text(&output));
+    let resumed: i64 = sqlx::query_scalar("SELECT rows_scanned FROM reencrypt.ranges")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(
+        resumed > scanned && resumed < rows,
+        "second run resumed: {scanned} then {resumed}"
+    );
+
+    // The third run finishes; the counts add up to the table.
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path).args(["--max-sweeps", "0"]),
+    );
+    assert_eq!(code, 0, "{text}");
+    let counts = counts(&summary, 0);
+    assert_eq!(counts["rows_scanned"], rows, "{text}");
+    assert_eq!(counts["reencrypted"] + counts["current"], rows, "{text}");
+    assert_all_rotated(&db, "t", rows, &new.key).await;
+}
+
+#[tokio::test]
+async fn concurrent_writer_is_never_overwritten() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 3000;
+    fill(&db, "t", rows, &old.key).await;
+
+    let mut command = run_command(&db, &["t.secret"], &[&old.path], &new.path);
+    command.args([
+        "--batch-size",
+        "100",
+        "--max-rows-per-second",
+        "3000",
+        "--format",
+        "json",
+    ]);
+    let child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // The application updates rows under either key while the run goes on,
+    // inserts new rows and deletes some.
+    let mut last: HashMap<i64, Option<String>> = HashMap::new();
+    let writer_old = old.key.clone();
+    let writer_new = new.key.clone();
+    for round in 0..200i64 {
+        let id = (round * 37) % rows + 1;
+        let plaintext = format!("updated-{round}");
+        let key = if round % 2 == 0 {
+            &writer_old
+        } else {
+            &writer_new
+        };
+        sqlx::query("UPDATE t SET secret = $2 WHERE id = $1")
+            .bind(id)
+            .bind(encrypt_string(key, &plaintext))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        last.insert(id, Some(plaintext));
+        if round % 50 == 0 {
+            let inserted = rows + 1 + round;
+            sqlx::query("INSERT INTO t VALUES ($1, $2)")
+                .bind(inserted)
+                .bind(encrypt_string(&writer_old, "inserted"))
+                .execute(&db.pool)
+                .await
+                .unwrap();
+            last.insert(inserted, Some("inserted".into()));
+            let deleted = (round * 11) % rows + 1;
+            sqlx::query("DELETE FROM t WHERE id = $1")
+                .bind(deleted)
+                .execute(&db.pool)
+                .await
+                .unwrap();
+            last.insert(deleted, None);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
+
+    let after: HashMap<i64, String> =
+        sqlx::query_as::<_, (i64, String)>("SELECT id, secret FROM t")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    for id in 1..=rows + 200 {
+        let expected = match last.get(&id) {
+            Some(expected) => expected.clone(),
+            None if id <= rows => Some(format!("plain-{id}")),
+            None => continue,
+        };
+        match expected {
+            None => assert!(!after.contains_key(&id), "deleted row {id} came back"),
+            Some(plaintext) => {
+                let value = after
+                    .get(&id)
+                    .unwrap_or_else(|| panic!("row {id} is missing"));
+                let read = decrypt_to_string(&new.key, value);
+                assert_eq!(
+                    read.as_deref().map(String::as_str),
+                    Some(plaintext.as_str()),
+                    "row {id}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn key_types_and_quoted_identifiers() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    db.exec(
+        "CREATE SCHEMA acc;
+         CREATE TABLE acc.\"Webhook Configs\" (\"Id\" uuid PRIMARY KEY, \"Signing Secret\" text);
+         CREATE TABLE by_text (k text PRIMARY KEY, v varchar(200));
+         CREATE TABLE by_pair (tenant int, name text, v text, PRIMARY KEY (tenant, name));
+         CREATE TABLE by_int (id integer PRIMARY KEY, v text);",
+    )
+    .await;
+    for i in 0..300 {
+        let value = encrypt_string(&old.key, &format!("p{i}"));
+        sqlx::query("INSERT INTO acc.\"Webhook Configs\" VALUES (gen_random_uuid(), $1)")
+            .bind(&value)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO by_text VALUES ($1, $2)")
+            .bind(format!("key {i} ü"))
+            .bind(&value)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO by_pair VALUES ($1, $2, $3)")
+            .bind(i % 7)
+            .bind(format!("n{i}"))
+            .bind(&value)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO by_int VALUES ($1, $2)")
+            .bind(i - 150)
+            .bind(&value)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    let targets = [
+        "acc.\"Webhook Configs\".\"Signing Secret\"",
+        "by_text.v",
+        "by_pair.v",
+        "by_int.v",
+    ];
+    let (code, summary, text) =
+        run_json(run_command(&db, &targets, &[&old.path], &new.path).args(["--batch-size", "37"]));
+    assert_eq!(code, 0, "{text}");
+    for index in 0..targets.len() {
+        let counts = counts(&summary, index);
+        assert_eq!(counts["rows_scanned"], 300, "target {index}: {text}");
+        assert_eq!(counts["reencrypted"], 300, "target {index}: {text}");
+    }
+    for (table, column) in [
+        ("acc.\"Webhook Configs\"", "\"Signing Secret\""),
+        ("by_text", "v"),
+        ("by_pair", "v"),
+        ("by_int", "v"),
+    ] {
+        let values: Vec<Option<String>> =
+            sqlx::query_scalar(&format!("SELECT {column}::text FROM {table}"))
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        let mut plaintexts: Vec<String> = values
+            .iter()
+            .map(|v| {
+                decrypt_to_string(&new.key, v.as_deref().unwrap())
+                    .map(|p| p.to_string())
+                    .unwrap_or_default()
+            })
+            .collect();
+        plaintexts.sort();
+        let mut expected: Vec<String> = (0..300).map(|i| format!("p{i}")).collect();
+        expected.sort();
+        assert_eq!(plaintexts, expected, "{table}");
+    }
+}
+
+#[tokio::test]
+async fn bad_input_exits_2_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, secret text, amount int);
+         CREATE TABLE nokey (secret text);
+         CREATE VIEW v AS SELECT * FROM t;",
+    )
+    .await;
+    let value = encrypt_string(&old.key, "keep");
+    sqlx::query("INSERT INTO t VALUES (1, $1, 5)")
+        .bind(&value)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let short = dir.path().join("short.key");
+    std::fs::write(&short, &new.key.to_hex()[..62]).unwrap();
+    let non_hex = dir.path().join("nonhex.key");
+    std::fs::write(&non_hex, format!("{}zz", &new.key.to_hex()[..62])).unwrap();
+    let missing = dir.path().join("missing.key");
+
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "equal keys",
+            args(&["t.secret"], &old.path, &old.path),
+            "equal to the new key",
+        ),
+        (
+            "short key",
+            args(&["t.secret"], &old.path, &short),
+            "expected a 64-character hex string",
+        ),
+        (
+            "non-hex key",
+            args(&["t.secret"], &non_hex, &new.path),
+            "expected a 64-character hex string",
+        ),
+        (
+            "missing key file",
+            args(&["t.secret"], &old.path, &missing),
+            "cannot read key file",
+        ),
+        (
+            "missing table",
+            args(&["nosuch.secret"], &old.path, &new.path),
+            "table nosuch not found",
+        ),
+        (
+            "missing column",
+            args(&["t.nosuch"], &old.path, &new.path),
+            "column nosuch not found",
+        ),
+        (
+            "non-text column",
+            args(&["t.amount"], &old.path, &new.path),
+            "has type integer",
+        ),
+        (
+            "no primary key",
+            args(&["nokey.secret"], &old.path, &new.path),
+            "has no primary key",
+        ),
+        (
+            "view",
+            args(&["v.secret"], &old.path, &new.path),
+            "is a view",
+        ),
+        (
+            "empty target",
+            args(&[""], &old.path, &new.path),
+            "no target given",
+        ),
+        (
+            "semicolon",
+            args(&["t.secret; DROP TABLE t"], &old.path, &new.path),
+            "invalid target",
+        ),
+        (
+            "unbalanced quote",
+            args(&["t.\"secret"], &old.path, &new.path),
+            "unterminated double quote",
+        ),
+        (
+            "key column",
+            args(&["t.id"], &old.path, &new.path),
+            "has type integer",
+        ),
+        (
+            "duplicate target",
+            args(&["t.secret", "public.t.secret"], &old.path, &new.path),
+            "given twice",
+        ),
+    ];
+    for (name, arguments, expected) in cases {
+        let output = common::binary()
+            .args(&arguments)
+            .arg("--database-url")
+            .arg(&db.url)
+            .output()
+            .unwrap();
+        let text = output_text(&output);
+        assert_eq!(output.status.code(), Some(2), "{name}: {text}");
+        assert!(
+            text.contains(expected),
+            "{name}: expected {expected:?} in\n{text}"
+        );
+        for key in [&old.key, &new.key] {
+            assert!(
+                !text.contains(&key.to_hex()[..16]),
+                "{name}: key material in the output"
+            );
+        }
+    }
+    let stored: String = sqlx::query_scalar("SELECT secret FROM t")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, value);
+    let schema: Option<String> = sqlx::query_scalar("SELECT to_regnamespace('reencrypt')::text")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(schema, None, "no checkpoint schema is created on bad input");
+}
+
+fn args(targets: &[&str], old: &std::path::Path, new: &std::path::Path) -> Vec<String> {
+    let mut out = vec!["run".to_string(), "--metrics-listen".into(), "off".into()];
+    for target in targets {
+        out.push("--target".into());
+        out.push(target.to_string());
+    }
+    out.extend([
+        "--old-key-file".into(),
+        old.display().to_string(),
+        "--new-key-file".into(),
+        new.display().to_string(),
+    ]);
+    out
+}
+
+#[tokio::test]
+async fn second_runner_of_a_job_is_refused() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, "t", 3000, &old.key).await;
+    let mut first = run_command(&db, &["t.secret"], &[&old.path], &new.path);
+    first.args(["--batch-size", "100", "--max-rows-per-second", "300"]);
+    let mut first = first
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    assert!(text.contains("already running"), "{text}");
+
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // The killed runner's lease is taken over at once on the same host.
+    let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
+    assert_all_rotated(&db, "t", 3000, &new.key).await;
+}
+
+#[tokio::test]
+async fn resume_with_other_keys_is_refused() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let other_old = KeyFile::generate();
+    fill(&db, "t", 50, &old.key).await;
+    let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .args(["--job", "j1"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
+    let output = run_command(&db, &["t.secret"], &[&other_old.path], &new.path)
+        .args(["--job", "j1"])
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("different set of old keys") && text.contains("--restart"),
+        "{text}"
+    );
+    let output = run_command(&db, &["t.secret"], &[&other_old.path], &new.path)
+        .args(["--job", "j1", "--restart"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
+}
