@@ -598,7 +598,6 @@ async fn write(
                 .await?
         }
         Pass::Sweep => {
-            counts.sweep_reencrypted = counts.reencrypted;
             sqlx::query(&statements.sweep_checkpoint)
                 .bind(&settings.job)
                 .bind(&work.target_label)
@@ -616,6 +615,17 @@ async fn write(
         return Err(WriteError::LeaseLost);
     }
     tx.commit().await?;
+
+    // A sweep re-reads rows the main pass already counted, so it reports only
+    // what it rotated; summaries and metrics then count every row once.
+    if pass == Pass::Sweep {
+        return Ok(Counts {
+            sweep_reencrypted: counts.reencrypted,
+            conflicts: counts.conflicts,
+            batches: 1,
+            ..Counts::default()
+        });
+    }
     Ok(counts)
 }
 

@@ -193,44 +193,10 @@ async fn ensure_ranges(
         fetch_key(&mut tx, &statements.max_key, statements.key_len).await?;
     let key_columns: Vec<String> = target.key.iter().map(|k| k.name.clone()).collect();
     let bounds = match &upper {
-        None => vec![(None, None); 1],
+        // An empty table: every range is empty, and done at once below.
+        None => vec![(None, None); range_count],
         Some(upper) if range_count == 1 => vec![(None, Some(upper.clone()))],
-        Some(upper) => {
-            let total: i64 = sqlx::query_scalar(&statements.count)
-                .fetch_one(&mut *tx)
-                .await?;
-            let step = (total / range_count as i64).max(1);
-            let mut query = sqlx::query(&statements.split_points);
-            for part in upper {
-                query = query.bind(part);
-            }
-            let rows = query.bind(step).fetch_all(&mut *tx).await?;
-            let mut points: Vec<Vec<String>> = Vec::new();
-            for row in rows.iter().take(range_count - 1) {
-                let mut key = Vec::with_capacity(statements.key_len);
-                for i in 0..statements.key_len {
-                    key.push(sqlx::Row::try_get::<String, _>(row, i)?);
-                }
-                points.push(key);
-            }
-            // Pad with empty ranges when the table has fewer rows than ranges.
-            let mut bounds = Vec::with_capacity(range_count);
-            let mut lower: Option<Vec<String>> = None;
-            for point in points {
-                bounds.push((lower.clone(), Some(point.clone())));
-                lower = Some(point);
-            }
-            bounds.push((lower.clone(), Some(upper.clone())));
-            while bounds.len() < range_count {
-                bounds.push((Some(upper.clone()), Some(upper.clone())));
-            }
-            bounds
-        }
-    };
-    let bounds = if upper.is_none() {
-        vec![(None, None); range_count]
-    } else {
-        bounds
+        Some(upper) => split_bounds(&mut tx, statements, upper, range_count).await?,
     };
     checkpoint::insert_ranges(
         &mut tx,
@@ -252,6 +218,41 @@ async fn ensure_ranges(
     let ranges = checkpoint::load_ranges(&mut tx, schema, job, &label).await?;
     tx.commit().await?;
     Ok(ranges)
+}
+
+/// Splits the keys up to `upper` into `range_count` ranges of about equal row
+/// counts. A table with fewer rows than ranges gets empty trailing ranges.
+async fn split_bounds(
+    conn: &mut sqlx::PgConnection,
+    statements: &Statements,
+    upper: &[String],
+    range_count: usize,
+) -> Result<Vec<(Option<Vec<String>>, Option<Vec<String>>)>, sqlx::Error> {
+    let total: i64 = sqlx::query_scalar(&statements.count).fetch_one(&mut *conn).await?;
+    let step = (total / range_count as i64).max(1);
+    let mut query = sqlx::query(&statements.split_points);
+    for part in upper {
+        query = query.bind(part);
+    }
+    let rows = query.bind(step).fetch_all(&mut *conn).await?;
+
+    let mut bounds = Vec::with_capacity(range_count);
+    let mut lower: Option<Vec<String>> = None;
+    for row in rows.iter().take(range_count - 1) {
+        let point = (0..statements.key_len)
+            .map(|i| sqlx::Row::try_get::<String, _>(row, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        if point.as_slice() == upper {
+            break;
+        }
+        bounds.push((lower.clone(), Some(point.clone())));
+        lower = Some(point);
+    }
+    bounds.push((lower, Some(upper.to_vec())));
+    while bounds.len() < range_count {
+        bounds.push((Some(upper.to_vec()), Some(upper.to_vec())));
+    }
+    Ok(bounds)
 }
 
 async fn fetch_key(
@@ -619,7 +620,7 @@ async fn rotate_all(
                 };
                 let counts =
                     pipeline::run_range(settings, statements.clone(), work, Pass::Sweep).await?;
-                found += counts.reencrypted;
+                found += counts.sweep_reencrypted;
             }
         }
         sweeps = round + 1;

@@ -416,7 +416,7 @@ async fn concurrent_writer_is_never_overwritten() {
         "--batch-size",
         "100",
         "--max-rows-per-second",
-        "3000",
+        "1000",
         "--format",
         "json",
     ]);
