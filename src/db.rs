@@ -1,11 +1,17 @@
 //! Connections: the pool, per-transaction timeouts, and which database errors
 //! are worth retrying.
 //!
-//! Everything that talks to PostgreSQL runs inside an explicit transaction and
-//! uses unnamed statements, and no setting is made outside a transaction. That
-//! keeps the worker correct behind a transaction-pooling proxy such as
-//! PgBouncer, where consecutive transactions may run on different server
-//! connections.
+//! Everything that talks to PostgreSQL runs inside an explicit transaction,
+//! and no setting is made outside a transaction. That keeps the worker correct
+//! behind a transaction-pooling proxy such as PgBouncer, where consecutive
+//! transactions may run on different server connections.
+//!
+//! sqlx 0.8 prepares every `sqlx::query` as a named statement (`sqlx_s_1`,
+//! `sqlx_s_2`, ... counted per client connection), even with the statement
+//! cache off, and never closes it. So every transaction starts with
+//! `DEALLOCATE ALL`: behind a pooler the server connection may still hold
+//! another client's statements under the same names, which would fail with
+//! SQLSTATE 42P05, and on a direct connection they would pile up.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -38,7 +44,9 @@ impl Database {
     ) -> Result<Database, sqlx::Error> {
         let options = PgConnectOptions::from_str(url)?
             .application_name("reencrypt")
-            // Unnamed statements only: named ones break behind transaction poolers.
+            // No statement outlives its transaction: a cached one would be
+            // missing on the next server connection a pooler hands out, and
+            // `DEALLOCATE ALL` in `begin` would drop it anyway.
             .statement_cache_capacity(0);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
@@ -51,26 +59,26 @@ impl Database {
 
     /// Begins a transaction with this job's timeouts, in one round trip.
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-        let t = self.timeouts;
-        self.pool
-            .begin_with(format!(
-                "BEGIN; SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; \
-                 SET LOCAL idle_in_transaction_session_timeout = '{}ms'",
-                t.lock_timeout_ms, t.statement_timeout_ms, t.idle_in_transaction_timeout_ms
-            ))
-            .await
+        self.pool.begin_with(self.begin_statement("BEGIN")).await
     }
 
     /// Begins a read-only transaction with this job's timeouts.
     pub async fn begin_read_only(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-        let t = self.timeouts;
         self.pool
-            .begin_with(format!(
-                "BEGIN READ ONLY; SET LOCAL lock_timeout = '{}ms'; SET LOCAL statement_timeout = '{}ms'; \
-                 SET LOCAL idle_in_transaction_session_timeout = '{}ms'",
-                t.lock_timeout_ms, t.statement_timeout_ms, t.idle_in_transaction_timeout_ms
-            ))
+            .begin_with(self.begin_statement("BEGIN READ ONLY"))
             .await
+    }
+
+    /// The statement that opens a transaction: `begin`, then the removal of
+    /// statements left on the server connection, then the timeouts.
+    fn begin_statement(&self, begin: &str) -> String {
+        let t = self.timeouts;
+        format!(
+            "{begin}; DEALLOCATE ALL; SET LOCAL lock_timeout = '{}ms'; \
+             SET LOCAL statement_timeout = '{}ms'; \
+             SET LOCAL idle_in_transaction_session_timeout = '{}ms'",
+            t.lock_timeout_ms, t.statement_timeout_ms, t.idle_in_transaction_timeout_ms
+        )
     }
 }
 
