@@ -452,3 +452,287 @@ pub async fn attention_keys(
     .fetch_all(conn)
     .await
 }
+
+/// One job as `status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobRecord {
+    pub job: String,
+    pub status: String,
+    pub targets: Vec<String>,
+    pub new_key_fingerprint: String,
+    pub old_key_fingerprints: Vec<String>,
+    pub new_key_version: Option<i64>,
+    pub old_key_versions: Vec<i64>,
+    pub shard_count: i32,
+    pub writers: i32,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Reads every job, or only `job`, ordered by creation time.
+pub async fn load_jobs(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: Option<&str>,
+) -> Result<Vec<JobRecord>, sqlx::Error> {
+    let q = quote_ident(schema);
+    let rows = sqlx::query(&format!(
+        "SELECT job, status, targets, new_key_fingerprint, old_key_fingerprints, new_key_version, \
+         old_key_versions, shard_count, writers, created_at, updated_at, finished_at \
+         FROM {q}.jobs WHERE $1::text IS NULL OR job = $1 ORDER BY created_at, job"
+    ))
+    .bind(job)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(JobRecord {
+                job: row.try_get("job")?,
+                status: row.try_get("status")?,
+                targets: row.try_get("targets")?,
+                new_key_fingerprint: row.try_get("new_key_fingerprint")?,
+                old_key_fingerprints: row.try_get("old_key_fingerprints")?,
+                new_key_version: row.try_get("new_key_version")?,
+                old_key_versions: row.try_get("old_key_versions")?,
+                shard_count: row.try_get("shard_count")?,
+                writers: row.try_get("writers")?,
+                created_at: row.try_get("created_at")?,
+                updated_at: row.try_get("updated_at")?,
+                finished_at: row.try_get("finished_at")?,
+            })
+        })
+        .collect()
+}
+
+/// A target's progress within a job: its ranges summed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TargetProgress {
+    pub job: String,
+    pub target: String,
+    pub ranges: i64,
+    pub ranges_done: i64,
+    /// The planner's row estimate when the ranges were laid out.
+    pub rows_estimated: i64,
+    pub counts: Counts,
+    /// When the first batch of any range started; `None` before the first batch.
+    pub started_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The latest checkpoint of any range.
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Sums the ranges of every job, or of `job`, by job and target.
+pub async fn load_target_progress(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: Option<&str>,
+) -> Result<Vec<TargetProgress>, sqlx::Error> {
+    let q = quote_ident(schema);
+    let sums = COUNT_COLUMNS
+        .split(", ")
+        .map(|c| format!("sum({c})::int8 AS {c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows = sqlx::query(&format!(
+        "SELECT job, target, count(*)::int8 AS ranges, \
+         count(*) FILTER (WHERE status = 'done')::int8 AS ranges_done, \
+         sum(rows_estimated)::int8 AS rows_estimated, {sums}, \
+         min(started_at) AS started_at, max(updated_at) AS updated_at \
+         FROM {q}.ranges WHERE $1::text IS NULL OR job = $1 GROUP BY job, target ORDER BY job, target"
+    ))
+    .bind(job)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(TargetProgress {
+                job: row.try_get("job")?,
+                target: row.try_get("target")?,
+                ranges: row.try_get("ranges")?,
+                ranges_done: row.try_get("ranges_done")?,
+                rows_estimated: row.try_get("rows_estimated")?,
+                counts: counts_from_row(row)?,
+                started_at: row.try_get("started_at")?,
+                updated_at: row.try_get("updated_at")?,
+            })
+        })
+        .collect()
+}
+
+/// A lease row with its ages computed by the database clock.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LeaseRecord {
+    pub job: String,
+    pub shard: i32,
+    pub host: String,
+    pub pid: i32,
+    pub acquired_at: chrono::DateTime<chrono::Utc>,
+    pub heartbeat_at: chrono::DateTime<chrono::Utc>,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// Seconds since the last heartbeat.
+    pub heartbeat_age_secs: f64,
+    /// Seconds until the lease expires; negative once it has expired.
+    pub expires_in_secs: f64,
+}
+
+impl LeaseRecord {
+    /// Returns whether the lease still guards its shard, by the database clock.
+    pub fn is_live(&self) -> bool {
+        self.expires_in_secs > 0.0
+    }
+}
+
+/// Reads the leases of every job, or of `job` (and only `shard` when given).
+/// With `lock`, the rows stay locked until the transaction ends, so a caller
+/// can delete exactly the leases it inspected.
+pub async fn load_leases(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: Option<&str>,
+    shard: Option<i32>,
+    lock: bool,
+) -> Result<Vec<LeaseRecord>, sqlx::Error> {
+    let q = quote_ident(schema);
+    let rows = sqlx::query(&format!(
+        "SELECT job, shard, host, pid, acquired_at, heartbeat_at, expires_at, \
+         extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age_secs, \
+         extract(epoch FROM expires_at - now())::float8 AS expires_in_secs \
+         FROM {q}.leases WHERE ($1::text IS NULL OR job = $1) AND ($2::int4 IS NULL OR shard = $2) \
+         ORDER BY job, shard{}",
+        if lock { " FOR UPDATE" } else { "" }
+    ))
+    .bind(job)
+    .bind(shard)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(LeaseRecord {
+                job: row.try_get("job")?,
+                shard: row.try_get("shard")?,
+                host: row.try_get("host")?,
+                pid: row.try_get("pid")?,
+                acquired_at: row.try_get("acquired_at")?,
+                heartbeat_at: row.try_get("heartbeat_at")?,
+                expires_at: row.try_get("expires_at")?,
+                heartbeat_age_secs: row.try_get("heartbeat_age_secs")?,
+                expires_in_secs: row.try_get("expires_in_secs")?,
+            })
+        })
+        .collect()
+}
+
+/// Deletes leases by job and shard; returns how many were deleted.
+pub async fn delete_leases(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+    shards: &[i32],
+) -> Result<u64, sqlx::Error> {
+    let q = quote_ident(schema);
+    let deleted = sqlx::query(&format!(
+        "DELETE FROM {q}.leases WHERE job = $1 AND shard = ANY($2)"
+    ))
+    .bind(job)
+    .bind(shards)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(deleted)
+}
+
+/// Takes the job's advisory lock (the one `register_job` takes) for the rest
+/// of the transaction, so that no runner registers or lays out the job meanwhile.
+pub async fn lock_job(conn: &mut PgConnection, job: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("reencrypt job {job}"))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Deletes a job; its leases, ranges and attention rows go with it (ON DELETE
+/// CASCADE). Evidence records in `runs` are kept. Returns whether the job existed.
+pub async fn delete_job(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+) -> Result<bool, sqlx::Error> {
+    let q = quote_ident(schema);
+    let deleted = sqlx::query(&format!("DELETE FROM {q}.jobs WHERE job = $1"))
+        .bind(job)
+        .execute(conn)
+        .await?
+        .rows_affected();
+    Ok(deleted == 1)
+}
+
+/// One evidence record of a run or a verification, as stored in `runs`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunRecord {
+    pub job: String,
+    /// `run` or `verify`.
+    pub command: String,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub finished_at: chrono::DateTime<chrono::Utc>,
+    pub operator: String,
+    pub host: String,
+    pub exit_code: i32,
+    pub report: serde_json::Value,
+}
+
+/// Inserts an evidence record; returns its id.
+pub async fn insert_run(
+    conn: &mut PgConnection,
+    schema: &str,
+    record: &RunRecord,
+) -> Result<i64, sqlx::Error> {
+    let q = quote_ident(schema);
+    sqlx::query_scalar(&format!(
+        "INSERT INTO {q}.runs (job, command, started_at, finished_at, operator, host, exit_code, report) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id"
+    ))
+    .bind(&record.job)
+    .bind(&record.command)
+    .bind(record.started_at)
+    .bind(record.finished_at)
+    .bind(&record.operator)
+    .bind(&record.host)
+    .bind(record.exit_code)
+    .bind(&record.report)
+    .fetch_one(conn)
+    .await
+}
+
+/// Reads the latest evidence record of each command (`run`, `verify`) of a job.
+pub async fn latest_runs(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+) -> Result<Vec<(i64, RunRecord)>, sqlx::Error> {
+    let q = quote_ident(schema);
+    let rows = sqlx::query(&format!(
+        "SELECT DISTINCT ON (command) id, job, command, started_at, finished_at, operator, host, exit_code, report \
+         FROM {q}.runs WHERE job = $1 ORDER BY command, finished_at DESC, id DESC"
+    ))
+    .bind(job)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get("id")?,
+                RunRecord {
+                    job: row.try_get("job")?,
+                    command: row.try_get("command")?,
+                    started_at: row.try_get("started_at")?,
+                    finished_at: row.try_get("finished_at")?,
+                    operator: row.try_get("operator")?,
+                    host: row.try_get("host")?,
+                    exit_code: row.try_get("exit_code")?,
+                    report: row.try_get("report")?,
+                },
+            ))
+        })
+        .collect()
+}

@@ -303,11 +303,14 @@ pub struct PlanArgs {
     #[command(flatten)]
     pub tuning: TuningArgs,
 
-    /// Classify only about this many rows per target, spread over the table
-    /// (TABLESAMPLE), and scale the counts. Default: every row.
+    /// Classify only about this many rows per target, read with TABLESAMPLE
+    /// SYSTEM (random whole pages, about N / estimated rows of them), and scale
+    /// the counts to the planner's row estimate. The counts are then estimates.
+    /// Default: every row, with exact counts.
     #[arg(long)]
     pub sample: Option<u64>,
 
+    /// Output format: `table` for people, `json` for machines.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
@@ -324,6 +327,11 @@ pub struct VerifyArgs {
     pub tuning: TuningArgs,
     #[command(flatten)]
     pub output: OutputArgs,
+
+    /// Job name for the evidence record (default: the name `run` derives from
+    /// the targets and the new key, so the record joins that job's records).
+    #[arg(long, env = "REENCRYPT_JOB")]
+    pub job: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -335,6 +343,7 @@ pub struct StatusArgs {
     #[arg(long)]
     pub job: Option<String>,
 
+    /// Output format: `table` for people, `json` for machines.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
 }
@@ -357,9 +366,14 @@ pub struct ResetArgs {
     #[arg(long)]
     pub job: String,
 
-    /// Do not ask for confirmation.
+    /// Do not ask for confirmation. Required when standard input is not a terminal.
     #[arg(long)]
     pub yes: bool,
+
+    /// Reset even while a runner holds a live lease on the job. That runner
+    /// loses its lease and stops with exit code 1 at its next batch.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -375,7 +389,8 @@ pub struct ReleaseArgs {
     #[arg(long)]
     pub shard: Option<i32>,
 
-    /// Release even if the lease was renewed recently.
+    /// Release even a lease that has not expired yet (its runner may still
+    /// be alive; it stops with exit code 1 at its next batch).
     #[arg(long)]
     pub force: bool,
 }

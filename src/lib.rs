@@ -9,6 +9,7 @@
 //! - [`statements`]: the SQL of one target; [`db`]: pool, timeouts, retryable errors.
 //! - [`checkpoint`]: the worker's tables (jobs, ranges, attention, runs); [`lease`]: one runner per job.
 //! - [`pipeline`]: fetch, classify and write one key range; [`throttle`]: rate limits.
+//! - [`scan`]: read-only scans that classify every row (or a sample) and write nothing.
 //! - [`run`]: the `run` command; [`inspect`]: `plan`, `verify`, `status`, `reset`, `release`, `keys`.
 //! - [`metrics`], [`push`], [`progress`], [`telemetry`]: what an operator watches.
 //! - [`report`]: summaries and evidence records; [`demo`]: the self-contained demo.
@@ -31,6 +32,7 @@ pub mod progress;
 pub mod push;
 pub mod report;
 pub mod run;
+pub mod scan;
 pub mod statements;
 pub mod target;
 pub mod telemetry;

@@ -193,3 +193,367 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> std::io::Result<()>
     }
     std::fs::rename(temporary, path)
 }
+
+/// Labels of the outcomes a read-only scan reports, with the keys of
+/// `outcome_counts_json`, in table order.
+const SCAN_COLUMNS: [(&str, Outcome); 6] = [
+    ("old-key", Outcome::Reencrypted),
+    ("current", Outcome::Current),
+    ("null", Outcome::Null),
+    ("not-in-format", Outcome::NotInFormat),
+    ("undecryptable", Outcome::Undecryptable),
+    ("ambiguous", Outcome::Ambiguous),
+];
+
+/// Returns the counts of a read-only scan, named for what they mean before any
+/// write: `old_key` is the number of values a run would re-encrypt.
+pub fn outcome_counts_json(counts: &Counts) -> serde_json::Value {
+    serde_json::json!({
+        "rows": counts.rows_scanned,
+        "old_key": counts.reencrypted,
+        "current": counts.current,
+        "null": counts.null,
+        "not_in_format": counts.not_in_format,
+        "undecryptable": counts.undecryptable,
+        "ambiguous": counts.ambiguous,
+    })
+}
+
+/// Builds a row of a scan table: target, rows, then the counts of `SCAN_COLUMNS`.
+fn scan_row(target: &str, counts: &Counts) -> Vec<String> {
+    let mut row = vec![target.to_string(), counts.rows_scanned.to_string()];
+    row.extend(
+        SCAN_COLUMNS
+            .iter()
+            .map(|(_, outcome)| counts.outcome(*outcome).to_string()),
+    );
+    row
+}
+
+/// Formats a duration in seconds as `1h02m03s`, `2m03s` or `3.4s`.
+pub fn format_seconds(seconds: f64) -> String {
+    if !seconds.is_finite() || seconds < 0.0 {
+        return "-".to_string();
+    }
+    let whole = seconds.round() as u64;
+    if whole >= 3600 {
+        format!(
+            "{}h{:02}m{:02}s",
+            whole / 3600,
+            whole % 3600 / 60,
+            whole % 60
+        )
+    } else if whole >= 60 {
+        format!("{}m{:02}s", whole / 60, whole % 60)
+    } else {
+        format!("{seconds:.1}s")
+    }
+}
+
+/// One target of a plan, as `plan` prints it.
+#[derive(Debug, Clone)]
+pub struct PlanTarget {
+    pub scan: crate::scan::TargetScan,
+    /// Read-and-classify time for all the target's rows at the measured rate.
+    pub estimated_seconds: f64,
+}
+
+/// Renders a plan for a terminal.
+pub fn render_plan(keys: &KeyEvidence, targets: &[PlanTarget]) -> String {
+    let mut out = String::from(
+        "plan: read-only, nothing was written (every statement ran in a READ ONLY transaction; no checkpoint, lease or schema was created)\n",
+    );
+    out.push_str(&format!("{}\n\n", keys.describe()));
+
+    let mut headers = vec!["target", "rows"];
+    headers.extend(SCAN_COLUMNS.iter().map(|(label, _)| *label));
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut total = Counts::default();
+    for target in targets {
+        let marker = if target.scan.is_estimate() {
+            " (est.)"
+        } else {
+            ""
+        };
+        rows.push(scan_row(
+            &format!("{}{marker}", target.scan.target),
+            &target.scan.counts,
+        ));
+        total.add(&target.scan.counts);
+    }
+    if targets.len() > 1 {
+        rows.push(scan_row("total", &total));
+    }
+    out.push_str(&table(&headers, &rows));
+
+    out.push('\n');
+    let paging: Vec<Vec<String>> = targets
+        .iter()
+        .map(|t| {
+            vec![
+                t.scan.target.clone(),
+                t.scan.key_columns.join(", "),
+                t.scan.index.clone(),
+                format!("{:.0}", t.scan.rows_per_second),
+                format_seconds(t.estimated_seconds),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "target",
+            "paging key",
+            "index",
+            "rows/s read",
+            "est. read time",
+        ],
+        &paging,
+    ));
+
+    out.push('\n');
+    for target in targets {
+        if let crate::scan::ScanMethod::Sample {
+            percent,
+            rows_read,
+            rows_total_estimate,
+            rows_total_source,
+            ..
+        } = &target.scan.method
+        {
+            let source = match rows_total_source.as_str() {
+                "count" => "an exact count(*), because the table was never analyzed",
+                _ => "the planner's estimate, pg_class.reltuples",
+            };
+            out.push_str(&format!(
+                "{}: estimates from TABLESAMPLE SYSTEM ({percent:.4}% of the pages, {rows_read} rows read), scaled to {rows_total_estimate} rows from {source}\n",
+                target.scan.target
+            ));
+            if *rows_read == 0 {
+                out.push_str(&format!(
+                    "{}: the sample read no row, so the counts say nothing; rerun with a larger --sample\n",
+                    target.scan.target
+                ));
+            }
+        }
+    }
+    if targets.iter().all(|t| !t.scan.is_estimate()) {
+        out.push_str("counts are exact: every row was read in key order\n");
+    }
+    let total_seconds: f64 = targets.iter().map(|t| t.estimated_seconds).sum();
+    out.push_str(&format!(
+        "estimated run time: {} or more. This is an estimate: it is the time to read and classify every row at the rate measured now, and a run also writes every old-key value, which a read-only plan cannot measure\n",
+        format_seconds(total_seconds)
+    ));
+    out
+}
+
+/// Renders a verification for a terminal.
+pub fn render_verify(
+    keys: &KeyEvidence,
+    scans: &[crate::scan::TargetScan],
+    listed: &[AttentionKey],
+    limit: i64,
+) -> String {
+    let mut out = format!(
+        "verify: read-only scan of every row\n{}\n\n",
+        keys.describe()
+    );
+    let mut headers = vec!["target", "rows"];
+    headers.extend(SCAN_COLUMNS.iter().map(|(label, _)| *label));
+    let mut total = Counts::default();
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for scan in scans {
+        rows.push(scan_row(&scan.target, &scan.counts));
+        total.add(&scan.counts);
+    }
+    if scans.len() > 1 {
+        rows.push(scan_row("total", &total));
+    }
+    out.push_str(&table(&headers, &rows));
+
+    if !listed.is_empty() {
+        out.push_str(&format!(
+            "\nrows that need attention (at most {limit}; old-key and ambiguous first):\n"
+        ));
+        let cells: Vec<Vec<String>> = listed
+            .iter()
+            .map(|a| vec![a.target.clone(), a.key.clone(), a.outcome.clone()])
+            .collect();
+        out.push_str(&table(&["target", "key", "outcome"], &cells));
+    }
+
+    out.push('\n');
+    if total.reencrypted == 0 && total.ambiguous == 0 {
+        out.push_str(&format!(
+            "verify passed: none of the {} rows holds a value readable under an old key, and none is ambiguous\n",
+            total.rows_scanned
+        ));
+    } else {
+        if total.reencrypted > 0 {
+            out.push_str(&format!(
+                "verify failed: {} values are still readable under an old key; keep the old keys, run `reencrypt run` again, then verify again\n",
+                total.reencrypted
+            ));
+        }
+        if total.ambiguous > 0 {
+            out.push_str(&format!(
+                "verify failed: {} values decrypt under more than one key given; keep the old keys and inspect the rows listed\n",
+                total.ambiguous
+            ));
+        }
+    }
+    if total.undecryptable > 0 {
+        out.push_str(&format!(
+            "{} values decrypt under no key given; they do not fail verify, but no key read them before either\n",
+            total.undecryptable
+        ));
+    }
+    out
+}
+
+/// Key fingerprints and Vault KV versions for reports (never key material).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct KeyEvidence {
+    pub new_key_fingerprint: String,
+    pub new_key_version: Option<i64>,
+    pub old_key_fingerprints: Vec<String>,
+    pub old_key_versions: Vec<i64>,
+}
+
+impl KeyEvidence {
+    pub fn from_identity(identity: &JobIdentity) -> KeyEvidence {
+        KeyEvidence {
+            new_key_fingerprint: identity.new_key_fingerprint.clone(),
+            new_key_version: identity.new_key_version,
+            old_key_fingerprints: identity.old_key_fingerprints.clone(),
+            old_key_versions: identity.old_key_versions.clone(),
+        }
+    }
+
+    pub fn from_keys(keys: &crate::keys::KeySet) -> KeyEvidence {
+        KeyEvidence {
+            new_key_fingerprint: keys.new.key.fingerprint(),
+            new_key_version: keys.new.origin.vault_version().map(|v| v as i64),
+            old_key_fingerprints: keys.old_fingerprints(),
+            old_key_versions: keys
+                .old
+                .iter()
+                .filter_map(|k| k.origin.vault_version())
+                .map(|v| v as i64)
+                .collect(),
+        }
+    }
+
+    /// One line: the new key and the old keys, by fingerprint and KV version.
+    pub fn describe(&self) -> String {
+        let version = |v: Option<i64>| v.map_or(String::new(), |v| format!(" (kv version {v})"));
+        format!(
+            "keys: new {}{}, old {}{}",
+            self.new_key_fingerprint,
+            version(self.new_key_version),
+            self.old_key_fingerprints.join(", "),
+            if self.old_key_versions.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (kv versions {})",
+                    self.old_key_versions
+                        .iter()
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        )
+    }
+}
+
+/// A row that needs attention, by key (never its value).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AttentionKey {
+    pub target: String,
+    pub key: String,
+    pub outcome: String,
+}
+
+/// One target in an evidence record.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvidenceTarget {
+    pub target: String,
+    pub key_columns: Vec<String>,
+    pub index: String,
+    /// For `run`: the job's counts when the run started, if known (see
+    /// `Evidence::before_source`). For `verify`: always `None`.
+    pub before: Option<serde_json::Value>,
+    /// For `run`: the job's counts at the end (every run and shard so far).
+    /// For `verify`: the verify scan's counts, as `outcome_counts_json` names them.
+    pub after: serde_json::Value,
+}
+
+/// The result of a verification inside an evidence record.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VerifyEvidence {
+    pub passed: bool,
+    pub rows: i64,
+    pub old_key: i64,
+    pub ambiguous: i64,
+    pub undecryptable: i64,
+    pub not_in_format: i64,
+}
+
+impl VerifyEvidence {
+    pub fn from_counts(total: &Counts) -> VerifyEvidence {
+        VerifyEvidence {
+            passed: total.reencrypted == 0 && total.ambiguous == 0,
+            rows: total.rows_scanned,
+            old_key: total.reencrypted,
+            ambiguous: total.ambiguous,
+            undecryptable: total.undecryptable,
+            not_in_format: total.not_in_format,
+        }
+    }
+}
+
+/// Final sweeps of a run inside an evidence record.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SweepEvidence {
+    pub sweeps: u32,
+    /// Values the last sweep still found under an old key.
+    pub last_found: i64,
+    pub sweep_reencrypted: i64,
+}
+
+/// The evidence record of a run or a verification, written with `--report`
+/// and stored in the `runs` table. It contains key fingerprints, never keys,
+/// and row keys, never values.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Evidence {
+    /// Version of this record's layout.
+    pub record_version: u32,
+    /// `run` or `verify`.
+    pub command: String,
+    pub job: String,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub finished_at: chrono::DateTime<chrono::Utc>,
+    pub duration_seconds: f64,
+    pub operator: String,
+    pub host: String,
+    pub tool: String,
+    pub tool_version: String,
+    pub keys: KeyEvidence,
+    pub targets: Vec<EvidenceTarget>,
+    /// Source of the `before` counts of the targets.
+    pub before_source: Option<String>,
+    /// For `run`: the final sweeps. For `verify`: `None`.
+    pub sweeps: Option<SweepEvidence>,
+    /// For `run`: false when other shards of the job still have ranges to do.
+    pub job_finished: Option<bool>,
+    /// For `verify`: the verdict. For `run`: `None`, because a run does not verify.
+    pub verify: Option<VerifyEvidence>,
+    /// Rows that need attention, bounded by --report-limit.
+    pub attention: Vec<AttentionKey>,
+    pub exit_code: i32,
+}
+
+/// Layout version written to `Evidence::record_version`.
+pub const EVIDENCE_RECORD_VERSION: u32 = 1;
