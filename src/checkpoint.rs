@@ -253,7 +253,7 @@ pub async fn register_job(
     let new_version: Option<i64> = row.try_get("new_key_version")?;
     if new_version != identity.new_key_version {
         return differs(
-            "Vault version of the new key (the current version may have moved on since the job started; pin it with --new-key-version)",
+            "Vault version of the new key (the current version may have moved on since the job started; pin it with --new-key-vault-version)",
             format!("{new_version:?}"),
             format!("{:?}", identity.new_key_version),
         );
