@@ -254,8 +254,8 @@ pub async fn register_job(
     if new_version != identity.new_key_version {
         return differs(
             "Vault version of the new key (the current version may have moved on since the job started; pin it with --new-key-vault-version)",
-            format!("{new_version:?}"),
-            format!("{:?}", identity.new_key_version),
+            version_text(new_version),
+            version_text(identity.new_key_version),
         );
     }
     let old_versions: Vec<i64> = row.try_get("old_key_versions")?;
@@ -289,6 +289,11 @@ pub async fn register_job(
     .execute(&mut *conn)
     .await?;
     Ok(Ok(()))
+}
+
+/// Shows a stored Vault version, or says the key did not come from Vault.
+fn version_text(version: Option<i64>) -> String {
+    version.map_or_else(|| "none: not from Vault".to_string(), |v| format!("version {v}"))
 }
 
 /// Sets a job's status (`running`, `finished`, `failed`, `interrupted`).

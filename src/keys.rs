@@ -198,7 +198,7 @@ impl KeySet {
     /// key equal to the new key, or the same old key given twice.
     pub fn validate(&self) -> Result<(), String> {
         if self.old.is_empty() {
-            return Err("no old key given: pass --old-key-file, OLD_ENCRYPTION_KEY or a Vault old-key version".into());
+            return Err("no old key given: pass --old-key-file, set OLD_ENCRYPTION_KEY, or take one from Vault with --old-key-vault-version N|previous".into());
         }
         for (index, old) in self.old.iter().enumerate() {
             if old.key == self.new.key {
