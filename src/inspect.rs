@@ -41,10 +41,10 @@ pub async fn plan(args: &PlanArgs) -> Result<i32, Failure> {
         keys: &args.keys,
         tuning: &args.tuning,
     };
-    plan_targets(inputs, args.sample, args.format).await
+    stop_on_signal("plan", plan_targets(inputs, args.sample, args.format)).await
 }
 
-/// `run --dry-run`: the plan of exactly the run the same options would start.
+/// Plans exactly the run that the same options would start (`run --dry-run`).
 pub async fn plan_from_run(args: &RunArgs) -> Result<i32, Failure> {
     let inputs = ScanInputs {
         database: &args.database,
@@ -52,7 +52,11 @@ pub async fn plan_from_run(args: &RunArgs) -> Result<i32, Failure> {
         keys: &args.keys,
         tuning: &args.tuning,
     };
-    plan_targets(inputs, None, args.output.format).await
+    stop_on_signal(
+        "run --dry-run",
+        plan_targets(inputs, None, args.output.format),
+    )
+    .await
 }
 
 /// The options a read-only scan is built from, shared by `plan`, `run --dry-run` and `verify`.
@@ -117,6 +121,32 @@ fn default_timeouts() -> Timeouts {
         lock_timeout_ms: cli::DEFAULT_LOCK_TIMEOUT_MS,
         statement_timeout_ms: cli::DEFAULT_STATEMENT_TIMEOUT_MS,
         idle_in_transaction_timeout_ms: cli::DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT_MS,
+    }
+}
+
+/// Runs a read-only command until it ends or SIGINT or SIGTERM arrives, and
+/// then stops at once with exit code 4. A run finishes its batch first, but
+/// these commands have nothing to finish.
+async fn stop_on_signal(
+    command: &str,
+    work: impl std::future::Future<Output = Result<i32, Failure>>,
+) -> Result<i32, Failure> {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::warn!(%error, "Cannot listen for SIGTERM.");
+                return work.await;
+            }
+        };
+    let interrupted = || {
+        eprintln!("error: {command} was interrupted by a signal and has no result; run it again");
+        Ok(crate::exit::INTERRUPTED)
+    };
+    tokio::select! {
+        result = work => result,
+        _ = tokio::signal::ctrl_c() => interrupted(),
+        _ = terminate.recv() => interrupted(),
     }
 }
 
@@ -194,6 +224,10 @@ fn plan_json(keys: &KeyEvidence, planned: &[PlanTarget]) -> serde_json::Value {
 /// Scans every row of every target; exits 5 when a value is still readable
 /// under an old key or is ambiguous.
 pub async fn verify(args: &VerifyArgs) -> Result<i32, Failure> {
+    stop_on_signal("verify", verify_targets(args)).await
+}
+
+async fn verify_targets(args: &VerifyArgs) -> Result<i32, Failure> {
     let started_at = chrono::Utc::now();
     let limit = args.output.report_limit;
     if limit < 0 {

@@ -558,6 +558,41 @@ async fn verify_catches_late_old_key_value() {
     assert_eq!(result["attention"][0]["outcome"], "old_key");
 }
 
+#[tokio::test]
+async fn verify_stops_on_first_signal() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, 5_000, &old.key).await;
+
+    // One row per page makes the scan take far longer than the wait below.
+    let child = scan_command("verify", &db, &[TARGET], &old.path, &new.path)
+        .args(["--batch-size", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let started = Instant::now();
+    let output = child.wait_with_output().unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(4), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "verify took {:?} to stop",
+        started.elapsed()
+    );
+    assert!(
+        text.contains("verify was interrupted by a signal"),
+        "{text}"
+    );
+}
+
 /// Fills `creds (id bigint PRIMARY KEY, secret text NOT NULL)` with `rows`
 /// values under `key`, the plaintext of row `id` being `v0-{id}`.
 async fn fill(db: &TestDb, rows: i64, key: &Key) {
