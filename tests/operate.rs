@@ -572,7 +572,20 @@ async fn verify_stops_on_first_signal() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // A connection named reencrypt means the scan has started, and the
+    // command listens for signals before it connects.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count(
+        &db,
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'reencrypt'",
+    )
+    .await
+        == 0
+    {
+        assert!(Instant::now() < deadline, "verify never connected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let sent = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
