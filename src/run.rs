@@ -277,6 +277,18 @@ pub async fn run(args: &RunArgs, stop: Arc<AtomicBool>) -> Result<RunSummary, Fa
     // Everything the user typed is checked before any I/O.
     let (specs, unique_keys) = parse_targets(&args.targets)?;
     let (timeouts, sizing, retry) = tuning(&args.tuning)?;
+    if args.job.as_ref().is_some_and(|job| job.trim().is_empty()) {
+        return Err(Failure::Config("--job must not be empty".into()));
+    }
+    if args.database.schema.is_empty() {
+        return Err(Failure::Config("--schema must not be empty".into()));
+    }
+    if args.output.report_limit < 0 {
+        return Err(Failure::Config(format!(
+            "--report-limit must be zero or more, got {}",
+            args.output.report_limit
+        )));
+    }
     if args.writers == 0 || args.writers > 64 {
         return Err(Failure::Config(format!(
             "--writers must be between 1 and 64, got {}",
@@ -332,9 +344,6 @@ pub async fn run(args: &RunArgs, stop: Arc<AtomicBool>) -> Result<RunSummary, Fa
 
     // The job: created, or resumed when everything matches.
     let job = match &args.job {
-        Some(job) if job.trim().is_empty() => {
-            return Err(Failure::Config("--job must not be empty".into()))
-        }
         Some(job) => job.clone(),
         None => default_job_name(&targets, &keys),
     };
