@@ -87,12 +87,12 @@ async fn dispatch(command: Command, stop: Arc<AtomicBool>) -> Result<i32, Failur
                 })?),
             };
             let handle = reencrypt::metrics::install(listen).map_err(Failure::Config)?;
-            let pusher = reencrypt::push::Pusher::start(&args.metrics, handle.clone())?;
+            let pusher =
+                reencrypt::push::Pusher::start(&args.metrics, args.shard_index, handle.clone())?;
             let result = reencrypt::run::run(&args, stop).await;
+            reencrypt::metrics::record_end(&result);
             if let Some(pusher) = pusher {
-                pusher
-                    .finish(result.as_ref().map(|s| s.job.clone()).ok(), result.is_ok())
-                    .await;
+                pusher.finish().await;
             }
             let summary = result?;
             let code = summary.exit_code();

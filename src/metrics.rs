@@ -6,12 +6,15 @@
 //! messages are never labels.
 
 use std::net::SocketAddr;
+use std::sync::Mutex;
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::checkpoint::Counts;
 use crate::classify::Outcome;
+use crate::error::Failure;
+use crate::report::RunSummary;
 
 pub const ROWS_TOTAL: &str = "reencrypt_rows_total";
 pub const CONFLICTS_TOTAL: &str = "reencrypt_conflicts_total";
@@ -37,8 +40,23 @@ pub const PHASES: [&str; 3] = ["fetch", "crypto", "write"];
 /// Job states exported by `reencrypt_job_state`.
 pub const STATES: [&str; 4] = ["running", "finished", "failed", "interrupted"];
 
+/// Kinds counted by `reencrypt_retries_total` and `reencrypt_errors_total`: the
+/// labels of `crate::db::TransientKind`, and `database` for errors that are not transient.
+pub const ERROR_KINDS: [&str; 7] = [
+    "connection",
+    "deadlock",
+    "lock_timeout",
+    "statement_timeout",
+    "serialization",
+    "server_shutdown",
+    "database",
+];
+
 /// Throttle reasons exported by `reencrypt_throttled`.
 pub const THROTTLE_REASONS: [&str; 3] = ["rate_limit", "pause", "replication_lag"];
+
+/// The job name recorded with the job info, which keys the Pushgateway group.
+static JOB_NAME: Mutex<Option<String>> = Mutex::new(None);
 
 /// Histogram buckets for batch phases, in seconds.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -69,6 +87,13 @@ pub fn install(listen: Option<SocketAddr>) -> Result<PrometheusHandle, String> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
         .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+
+    // Series that exist from the start make rate() and increase() see the
+    // first retry or error, which a series created by that event would hide.
+    for kind in ERROR_KINDS {
+        counter!(RETRIES_TOTAL, "kind" => kind).absolute(0);
+        counter!(ERRORS_TOTAL, "kind" => kind).absolute(0);
+    }
     Ok(handle)
 }
 
@@ -89,6 +114,12 @@ pub fn record_job_info(
         "version" => env!("CARGO_PKG_VERSION"))
     .set(1.0);
     gauge!(JOB_START_TIMESTAMP_SECONDS).set(unix_now());
+    *JOB_NAME.lock().unwrap_or_else(|e| e.into_inner()) = Some(job.to_string());
+}
+
+/// Returns the job name recorded by [`record_job_info`], if the run got that far.
+pub fn job_name() -> Option<String> {
+    JOB_NAME.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 /// Sets the job state: 1 for the current state, 0 for the others.
@@ -96,8 +127,20 @@ pub fn record_state(state: &str) {
     for s in STATES {
         gauge!(JOB_STATE, "state" => s).set(if s == state { 1.0 } else { 0.0 });
     }
-    if state == "finished" {
-        gauge!(JOB_LAST_SUCCESS_TIMESTAMP_SECONDS).set(unix_now());
+}
+
+/// Records how the run ended, before the final push. Only a run that leaves
+/// the whole job finished sets the last-success time. A run whose shard is done
+/// while other shards still work stays `running`.
+pub fn record_end(result: &Result<RunSummary, Failure>) {
+    match result {
+        Ok(summary) if summary.job_finished => {
+            record_state("finished");
+            gauge!(JOB_LAST_SUCCESS_TIMESTAMP_SECONDS).set(unix_now());
+        }
+        Ok(_) => record_state("running"),
+        Err(Failure::Interrupted) => record_state("interrupted"),
+        Err(_) => record_state("failed"),
     }
 }
 
@@ -174,4 +217,38 @@ fn unix_now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ERROR_KINDS;
+    use crate::db::TransientKind;
+
+    #[test]
+    fn every_transient_kind_is_registered() {
+        let kinds = [
+            TransientKind::Connection,
+            TransientKind::Deadlock,
+            TransientKind::LockTimeout,
+            TransientKind::StatementTimeout,
+            TransientKind::Serialization,
+            TransientKind::ServerShutdown,
+        ];
+        for kind in kinds {
+            // A new variant makes this match fail to compile, so the list above stays complete.
+            match kind {
+                TransientKind::Connection
+                | TransientKind::Deadlock
+                | TransientKind::LockTimeout
+                | TransientKind::StatementTimeout
+                | TransientKind::Serialization
+                | TransientKind::ServerShutdown => {}
+            }
+            assert!(
+                ERROR_KINDS.contains(&kind.label()),
+                "{} is missing from ERROR_KINDS",
+                kind.label()
+            );
+        }
+    }
 }

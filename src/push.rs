@@ -1,5 +1,9 @@
 //! Pushes the job's metrics to a Prometheus Pushgateway, periodically and once
 //! more at the end, so a one-shot Job's final figures outlive its pod.
+//!
+//! The group is keyed by job name and shard, so shards of one job do not
+//! overwrite each other. Every push replaces the whole group, so it shows the
+//! latest run: the last-success time is there only if that run finished the job.
 
 use std::time::Duration;
 
@@ -8,21 +12,23 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::cli::MetricsArgs;
 use crate::error::Failure;
 
-/// Pushgateway grouping key used until the job name is known.
-const PENDING_JOB_NAME: &str = "reencrypt";
-
 /// A running periodic push.
 pub struct Pusher {
     client: reqwest::Client,
     base_url: String,
+    shard: u32,
     handle: PrometheusHandle,
     task: tokio::task::JoinHandle<()>,
-    job: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Pusher {
-    /// Starts pushing when a Pushgateway URL is configured.
-    pub fn start(args: &MetricsArgs, handle: PrometheusHandle) -> Result<Option<Pusher>, Failure> {
+    /// Starts pushing when a Pushgateway URL is configured. Pushes wait until
+    /// the job name is known, because the group's key is the job name and the shard.
+    pub fn start(
+        args: &MetricsArgs,
+        shard: u32,
+        handle: PrometheusHandle,
+    ) -> Result<Option<Pusher>, Failure> {
         let Some(url) = args
             .pushgateway_url
             .as_deref()
@@ -46,49 +52,52 @@ impl Pusher {
             .build()
             .map_err(|e| Failure::Config(format!("cannot build the Pushgateway client: {e}")))?;
         let base_url = url.trim_end_matches('/').to_string();
-        let job = std::sync::Arc::new(std::sync::Mutex::new(PENDING_JOB_NAME.to_string()));
         let task = {
             let client = client.clone();
             let base_url = base_url.clone();
             let handle = handle.clone();
-            let job = job.clone();
             let interval = Duration::from_secs(args.push_interval_secs);
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(interval).await;
-                    let name = job.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    push(&client, &base_url, &name, &handle).await;
+                    if let Some(job) = crate::metrics::job_name() {
+                        push(&client, &base_url, &job, shard, &handle).await;
+                    }
                 }
             })
         };
         Ok(Some(Pusher {
             client,
             base_url,
+            shard,
             handle,
             task,
-            job,
         }))
     }
 
-    /// Sets the grouping key once the job name is known.
-    pub fn set_job(&self, job: &str) {
-        *self.job.lock().unwrap_or_else(|e| e.into_inner()) = job.to_string();
-    }
-
-    /// Stops the periodic push and pushes the final figures.
-    pub async fn finish(self, job: Option<String>, _succeeded: bool) {
+    /// Stops the periodic push and pushes the final figures. Call it after
+    /// `crate::metrics::record_end`, so the push carries the final state.
+    pub async fn finish(self) {
         self.task.abort();
-        if let Some(job) = job {
-            self.set_job(&job);
+        match crate::metrics::job_name() {
+            Some(job) => push(&self.client, &self.base_url, &job, self.shard, &self.handle).await,
+            None => {
+                tracing::warn!("Metrics not pushed: the run ended before the job was registered.")
+            }
         }
-        let name = self.job.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        push(&self.client, &self.base_url, &name, &self.handle).await;
     }
 }
 
-/// Replaces the job's group on the Pushgateway with the current metrics.
-async fn push(client: &reqwest::Client, base_url: &str, job: &str, handle: &PrometheusHandle) {
-    let url = format!("{base_url}/metrics/job/{}", percent_encode(job));
+/// Replaces the group of this job and shard on the Pushgateway with the
+/// current metrics. A failed push is logged and the run goes on.
+async fn push(
+    client: &reqwest::Client,
+    base_url: &str,
+    job: &str,
+    shard: u32,
+    handle: &PrometheusHandle,
+) {
+    let url = group_url(base_url, job, shard);
     let body = handle.render();
     match client
         .put(&url)
@@ -97,27 +106,38 @@ async fn push(client: &reqwest::Client, base_url: &str, job: &str, handle: &Prom
         .send()
         .await
     {
-        Ok(response) if response.status().is_success() => tracing::debug!(job, "Metrics pushed."),
+        Ok(response) if response.status().is_success() => {
+            tracing::debug!(job, shard, "Metrics pushed.")
+        }
         Ok(response) => {
             let status = response.status();
             let text = response.text().await.unwrap_or_default();
-            tracing::warn!(job, %status, response = %text.chars().take(300).collect::<String>(), "The Pushgateway rejected the metrics.");
+            tracing::warn!(job, shard, %status, response = %text.chars().take(300).collect::<String>(), "The Pushgateway rejected the metrics.");
         }
         Err(error) => {
-            tracing::warn!(job, error = %error.without_url(), "Cannot push metrics to the Pushgateway.")
+            tracing::warn!(job, shard, error = %error.without_url(), "Cannot push metrics to the Pushgateway.")
         }
     }
 }
 
-/// Percent-encodes a path segment.
-fn percent_encode(segment: &str) -> String {
-    segment
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+/// Returns the URL of a group. The job name is sent in the Pushgateway's
+/// base64 form, because the Pushgateway decodes a percent-encoded `/` before
+/// it splits the path into labels.
+fn group_url(base_url: &str, job: &str, shard: u32) -> String {
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(job);
+    format!("{base_url}/metrics/job@base64/{encoded}/shard/{shard}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group_url;
+
+    #[test]
+    fn group_url_encodes_the_job_name() {
+        assert_eq!(
+            group_url("http://pushgateway:9091", "nightly/rotate ü", 2),
+            "http://pushgateway:9091/metrics/job@base64/bmlnaHRseS9yb3RhdGUgw7w/shard/2"
+        );
+    }
 }
