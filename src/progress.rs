@@ -9,6 +9,19 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::pipeline::Pass;
 
+/// The bars being drawn, if any, so that log lines can be written above them.
+static DRAWN_BARS: Mutex<Option<MultiProgress>> = Mutex::new(None);
+
+/// Runs `write` with the bars hidden while bars are drawn, so that a log line
+/// lands above them instead of tearing through a bar.
+pub fn suspend_bars<R>(write: impl FnOnce() -> R) -> R {
+    let bars = DRAWN_BARS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match bars {
+        Some(bars) => bars.suspend(write),
+        None => write(),
+    }
+}
+
 /// Per-target progress of the main pass.
 struct TargetProgress {
     estimated: u64,
@@ -16,12 +29,14 @@ struct TargetProgress {
     resumed: u64,
     /// Rows scanned by this run.
     scanned: u64,
+    /// When this run's first batch of the target committed, and its rows. The
+    /// rate counts from there, so a target that waited for others is not slow.
+    first_batch: Option<(Instant, u64)>,
     bar: Option<ProgressBar>,
 }
 
 /// Progress of every target of a run.
 pub struct Progress {
-    started: Instant,
     /// When the last batch of any pass committed, for the stall watchdog.
     last_commit: Mutex<Instant>,
     targets: Mutex<BTreeMap<String, TargetProgress>>,
@@ -33,8 +48,8 @@ impl Progress {
     pub fn new(bars: bool) -> Progress {
         let bars = (bars && std::io::stderr().is_terminal())
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+        *DRAWN_BARS.lock().unwrap_or_else(|e| e.into_inner()) = bars.clone();
         Progress {
-            started: Instant::now(),
             last_commit: Mutex::new(Instant::now()),
             targets: Mutex::new(BTreeMap::new()),
             bars,
@@ -64,6 +79,7 @@ impl Progress {
                     estimated,
                     resumed,
                     scanned: 0,
+                    first_batch: None,
                     bar,
                 },
             );
@@ -76,6 +92,7 @@ impl Progress {
         }
         let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(progress) = targets.get_mut(target) {
+            progress.first_batch.get_or_insert((Instant::now(), rows));
             progress.scanned += rows;
             let done = progress.resumed + progress.scanned;
             crate::metrics::set_rows_scanned(target, done);
@@ -95,27 +112,39 @@ impl Progress {
                 bar.finish();
             }
         }
+        *DRAWN_BARS.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// Logs one line per target: rows done, rate and ETA.
+    /// Logs one line per target: rows done, rate and ETA. The ETA is left out
+    /// while the rate is unknown (before a target's second batch).
     pub fn log(&self) {
-        let elapsed = self.started.elapsed().as_secs_f64().max(0.001);
         let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
         for (target, progress) in targets.iter() {
             let done = progress.resumed + progress.scanned;
-            let rate = progress.scanned as f64 / elapsed;
-            let remaining = progress.estimated.saturating_sub(done);
-            let eta_seconds = if rate > 0.0 {
-                (remaining as f64 / rate).round() as u64
-            } else {
-                0
+            let rate = match progress.first_batch {
+                Some((at, rows)) if progress.scanned > rows => {
+                    (progress.scanned - rows) as f64 / at.elapsed().as_secs_f64().max(0.001)
+                }
+                _ => 0.0,
             };
+            let remaining = progress.estimated.saturating_sub(done);
             let percent = if progress.estimated > 0 {
                 (done as f64 * 100.0 / progress.estimated as f64).min(100.0)
             } else {
                 0.0
             };
-            tracing::info!(target = %target, rows_done = done, rows_estimated = progress.estimated, percent = format!("{percent:.1}"), rows_per_second = rate.round() as u64, eta_seconds, "Progress.");
+            let percent = format!("{percent:.1}");
+            let rows_per_second = rate.round() as u64;
+            if rate > 0.0 || remaining == 0 {
+                let eta_seconds = if remaining == 0 {
+                    0
+                } else {
+                    (remaining as f64 / rate).round() as u64
+                };
+                tracing::info!(target = %target, rows_done = done, rows_estimated = progress.estimated, percent, rows_per_second, eta_seconds, "Progress.");
+            } else {
+                tracing::info!(target = %target, rows_done = done, rows_estimated = progress.estimated, percent, rows_per_second, "Progress.");
+            }
         }
     }
 

@@ -1,8 +1,29 @@
 //! Logging: text or JSON on standard error, filtered by RUST_LOG (default `info`).
 
+use std::io::Write;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::LogFormat;
+
+/// Standard error, written with the progress bars hidden for the moment.
+struct StandardError;
+
+impl Write for StandardError {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        crate::progress::suspend_bars(|| std::io::stderr().write(buf))
+    }
+
+    // The formatter writes each event with one `write_all`, so the bars are
+    // hidden and redrawn once per log line.
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        crate::progress::suspend_bars(|| std::io::stderr().write_all(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
 
 /// Installs the global subscriber. Safe to call once per process.
 pub fn init(format: LogFormat) {
@@ -10,13 +31,17 @@ pub fn init(format: LogFormat) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| StandardError);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
+        // Events carry their own `target` field (the table column), which the
+        // flattened JSON would repeat beside tracing's module path under the
+        // same key, so the module path is left out of JSON lines.
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(false)
+            .with_target(false)
             .try_init(),
     };
 }
