@@ -315,6 +315,10 @@ pub async fn set_job_status(
     Ok(())
 }
 
+/// The bounds of one key range: exclusive lower key, inclusive upper key.
+/// `None` means unbounded on that side.
+pub type RangeBounds = (Option<Vec<String>>, Option<Vec<String>>);
+
 /// One key range of a target, as stored.
 #[derive(Debug, Clone)]
 pub struct RangeRecord {
@@ -368,7 +372,7 @@ pub async fn insert_ranges(
     job: &str,
     target: &str,
     key_columns: &[String],
-    bounds: &[(Option<Vec<String>>, Option<Vec<String>>)],
+    bounds: &[RangeBounds],
     rows_estimated: i64,
 ) -> Result<(), sqlx::Error> {
     let q = quote_ident(schema);

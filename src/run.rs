@@ -227,7 +227,7 @@ async fn split_bounds(
     statements: &Statements,
     upper: &[String],
     range_count: usize,
-) -> Result<Vec<(Option<Vec<String>>, Option<Vec<String>>)>, sqlx::Error> {
+) -> Result<Vec<checkpoint::RangeBounds>, sqlx::Error> {
     let total: i64 = sqlx::query_scalar(&statements.count).fetch_one(&mut *conn).await?;
     let step = (total / range_count as i64).max(1);
     let mut query = sqlx::query(&statements.split_points);

@@ -19,6 +19,9 @@ const TARGET: &str = "public.creds.secret";
 
 /// Runs a command with `--format json`; returns the exit code, the parsed
 /// standard output and the whole output for failure messages.
+/// A range's status and last checkpointed key.
+type RangeCheckpoint = (String, Option<Vec<String>>);
+
 fn json_output(command: &mut Command) -> (i32, serde_json::Value, String) {
     let output = command.arg("--format").arg("json").output().unwrap();
     let text = output_text(&output);
@@ -1062,7 +1065,7 @@ async fn write_behind_the_run(
             break;
         }
         let mut tx = db.pool.begin().await.unwrap();
-        let checkpoint: Result<Option<(String, Option<Vec<String>>)>, _> = sqlx::query_as(
+        let checkpoint: Result<Option<RangeCheckpoint>, _> = sqlx::query_as(
             "SELECT status, last_key FROM reencrypt.ranges WHERE job = 'swept' FOR SHARE",
         )
         .fetch_optional(&mut *tx)
