@@ -69,15 +69,16 @@ impl Outcome {
         }
     }
 
-    /// Whether a row with this outcome needs an operator's attention.
+    /// Whether a row with this outcome needs an operator's attention, which
+    /// makes the exit code 3. Not-in-format values are reported by key but do
+    /// not count here: plaintext or empty legacy values are common and expected.
     pub fn needs_attention(self) -> bool {
-        matches!(
-            self,
-            Outcome::NotInFormat
-                | Outcome::Undecryptable
-                | Outcome::Ambiguous
-                | Outcome::WriteRejected
-        )
+        matches!(self, Outcome::Undecryptable | Outcome::Ambiguous | Outcome::WriteRejected)
+    }
+
+    /// Whether the row's key is recorded in the attention table and reported.
+    pub fn is_reported(self) -> bool {
+        self.needs_attention() || self == Outcome::NotInFormat
     }
 }
 
