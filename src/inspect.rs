@@ -862,9 +862,7 @@ pub async fn record_run(args: &RunArgs, summary: &RunSummary, code: i32) -> Resu
         |e: sqlx::Error| Failure::from_database("cannot record the run in the runs table", &e);
 
     let mut tx = db.begin().await.map_err(fail)?;
-    let (before, before_source) = counts_before(&mut tx, schema, summary)
-        .await
-        .map_err(fail)?;
+    let (before, before_source) = counts_before(summary);
     let evidence = Evidence {
         record_version: report::EVIDENCE_RECORD_VERSION,
         command: "run".into(),
@@ -923,73 +921,33 @@ pub async fn record_run(args: &RunArgs, summary: &RunSummary, code: i32) -> Resu
     Ok(())
 }
 
-/// Returns the job's counts by target when the run started, and their source.
-async fn counts_before(
-    conn: &mut sqlx::PgConnection,
-    schema: &str,
+/// Each target's counts when the run started, as JSON, and where they come from.
+fn counts_before(
     summary: &RunSummary,
-) -> Result<
-    (
-        Option<std::collections::BTreeMap<String, serde_json::Value>>,
-        String,
-    ),
-    sqlx::Error,
-> {
-    // The job row carries the database's clock and the summary this
-    // process's clock. The database read its clock after `requested_at`, so
-    // `database_now - requested_at` bounds how far the database's clock is ahead.
-    let requested_at = chrono::Utc::now();
-    let database_now: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("SELECT clock_timestamp()")
-            .fetch_one(&mut *conn)
-            .await?;
-    let job = checkpoint::load_jobs(conn, schema, Some(&summary.job))
-        .await?
-        .pop();
-
-    // The earliest local time at which the job row can have been created.
-    if let Some(job) = &job {
-        let earliest_created = job.created_at - (database_now - requested_at);
-        if earliest_created >= summary.started_at {
-            let zeros = summary
-                .targets
-                .iter()
-                .map(|t| {
-                    (
-                        t.target.clone(),
-                        serde_json::to_value(Counts::default()).unwrap_or_default(),
-                    )
-                })
-                .collect();
-            return Ok((
-                Some(zeros),
-                "none: this run created the job (or restarted it), so no earlier run counted anything".into(),
-            ));
-        }
-    }
-
-    let previous = checkpoint::latest_runs(conn, schema, &summary.job)
-        .await?
-        .into_iter()
-        .find(|(_, r)| r.command == "run" && r.finished_at <= summary.started_at);
-    let Some((id, record)) = previous else {
-        return Ok((
+) -> (
+    Option<std::collections::BTreeMap<String, serde_json::Value>>,
+    String,
+) {
+    let Some(before) = &summary.counts_before else {
+        return (
             None,
-            "unknown: the job existed before this run, but no earlier run left an evidence record"
-                .into(),
-        ));
+            "unknown: the run did not record its starting counts".into(),
+        );
     };
-    let before = record.report["targets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| Some((t["target"].as_str()?.to_string(), t["after"].clone())))
+    let counts = summary
+        .targets
+        .iter()
+        .map(|t| {
+            let counts = before.get(&t.target).copied().unwrap_or_default();
+            (
+                t.target.clone(),
+                serde_json::to_value(counts).unwrap_or_default(),
+            )
+        })
         .collect();
-    Ok((
-        Some(before),
-        format!(
-            "the evidence record {id} of the run that finished at {}; runs that failed since then left no record",
-            record.finished_at.to_rfc3339()
-        ),
-    ))
+    (
+        Some(counts),
+        "checkpoint: the job's counts when this run started (zero for a new or restarted job)"
+            .into(),
+    )
 }

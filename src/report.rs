@@ -29,6 +29,9 @@ pub struct RunSummary {
     pub sweeps: u32,
     /// Values the last sweep still found under an old key (0 when sweeps converged).
     pub sweep_last_found: i64,
+    /// Each target's counts in the checkpoint when this run started: what
+    /// earlier runs of the job had done (all zero for a new job).
+    pub counts_before: Option<std::collections::BTreeMap<String, Counts>>,
     /// (target, key, outcome) of rows needing attention, bounded by --report-limit.
     pub attention: Vec<(String, String, String)>,
     pub key_fingerprints: JobIdentity,

@@ -228,7 +228,9 @@ async fn split_bounds(
     upper: &[String],
     range_count: usize,
 ) -> Result<Vec<checkpoint::RangeBounds>, sqlx::Error> {
-    let total: i64 = sqlx::query_scalar(&statements.count).fetch_one(&mut *conn).await?;
+    let total: i64 = sqlx::query_scalar(&statements.count)
+        .fetch_one(&mut *conn)
+        .await?;
     let step = (total / range_count as i64).max(1);
     let mut query = sqlx::query(&statements.split_points);
     for part in upper {
@@ -366,7 +368,7 @@ pub async fn run(args: &RunArgs, stop: Arc<AtomicBool>) -> Result<RunSummary, Fa
         "new": { "fingerprint": keys.new.key.fingerprint(), "origin": keys.new.origin },
         "old": keys.old.iter().map(|k| serde_json::json!({ "fingerprint": k.key.fingerprint(), "origin": k.origin })).collect::<Vec<_>>(),
     });
-    {
+    let counts_before = {
         let mut tx = db
             .begin()
             .await
@@ -375,10 +377,14 @@ pub async fn run(args: &RunArgs, stop: Arc<AtomicBool>) -> Result<RunSummary, Fa
             .await
             .map_err(|e| Failure::from_database("cannot register the job", &e))?
             .map_err(|e| Failure::Config(e.to_string()))?;
+        let counts_before = checkpoint::job_counts(&mut tx, &schema, &job)
+            .await
+            .map_err(|e| Failure::from_database("cannot read the job's checkpoints", &e))?;
         tx.commit()
             .await
             .map_err(|e| Failure::from_database("cannot register the job", &e))?;
-    }
+        counts_before
+    };
     crate::metrics::record_job_info(
         &job,
         &identity.new_key_fingerprint,
@@ -508,6 +514,7 @@ pub async fn run(args: &RunArgs, stop: Arc<AtomicBool>) -> Result<RunSummary, Fa
     summary.finished_at = chrono::Utc::now();
     summary.duration_seconds = started.elapsed().as_secs_f64();
     summary.sweeps = sweeps;
+    summary.counts_before = Some(counts_before);
     summary.sweep_last_found = sweep_remaining;
     summary.key_fingerprints = identity.clone();
     Ok(summary)

@@ -922,7 +922,7 @@ async fn run_report_records_evidence() {
         report["before_source"]
             .as_str()
             .unwrap()
-            .starts_with("none"),
+            .starts_with("checkpoint"),
         "{report}"
     );
     assert_eq!(report["sweeps"]["sweeps"], summary["sweeps"]);
@@ -966,7 +966,7 @@ async fn run_report_records_evidence() {
         report_second["before_source"]
             .as_str()
             .unwrap()
-            .starts_with("the evidence record"),
+            .starts_with("checkpoint"),
         "{report_second}"
     );
     assert_eq!(
