@@ -988,7 +988,72 @@ async fn pgbouncer_transaction_mode_run_and_lease() {
     let output = first.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
     assert_all_rotated(&db.pool, "t2", rows, &old.key, &new.key).await;
+
+    // The read-only commands go through the pooler too.
+    let output = common::binary()
+        .args(["verify", "--database-url", &url, "--target", "t.secret"])
+        .arg("--old-key-file")
+        .arg(&old.path)
+        .arg("--new-key-file")
+        .arg(&new.path)
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "verify: {}",
+        output_text(&output)
+    );
+    let output = common::binary()
+        .args(["status", "--database-url", &url, "--format", "json"])
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "status: {text}");
+    assert!(
+        text.contains("through-pgbouncer"),
+        "status lists the job: {text}"
+    );
     drop(bouncer);
+}
+
+#[tokio::test]
+async fn statement_timeout_splits_the_batch() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 600;
+    fill(&db.pool, "t", rows, &old.key, &new.key).await;
+    // Each rewritten row costs 4 ms, so a batch of 300 rows takes 1.2 s and
+    // only batches of at most about 120 rows fit in 500 ms.
+    db.exec(
+        "CREATE FUNCTION slow_row() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_sleep(0.004); RETURN NEW; END $$;
+         CREATE TRIGGER slow_row BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION slow_row();",
+    )
+    .await;
+
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path).args([
+            "--batch-size",
+            "300",
+            "--statement-timeout-ms",
+            "500",
+        ]),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("Batch timed out"),
+        "no batch was split: {text}"
+    );
+    let counts = counts(&summary, 0);
+    assert_eq!(counts["rows_scanned"], rows, "{text}");
+    assert_eq!(counts["reencrypted"], rows, "{text}");
+    assert!(
+        counts["batches"] > 2,
+        "the halves commit on their own: {text}"
+    );
+    assert_all_rotated(&db.pool, "t", rows, &old.key, &new.key).await;
 }
 
 #[tokio::test]
@@ -1167,7 +1232,8 @@ async fn hostile_identifiers_are_quoted() {
            CREATE TABLE public."we""ird; t" ("i""d" int PRIMARY KEY, "c c" text);"#,
     )
     .await;
-    for table in [r#""my ""schema"";"."we""ird; t""#, r#"public."we""ird; t""#] {
+    let tables = [r#""my ""schema"";"."we""ird; t""#, r#"public."we""ird; t""#];
+    for table in tables {
         for id in 1..=50i32 {
             sqlx::query(&format!("INSERT INTO {table} VALUES ($1, $2)"))
                 .bind(id)
@@ -1181,6 +1247,7 @@ async fn hostile_identifiers_are_quoted() {
                 .unwrap();
         }
     }
+
     let targets = [
         r#"public."we""ird; t"."c c""#,
         r#""my ""schema"";"."we""ird; t"."c c""#,
@@ -1194,6 +1261,7 @@ async fn hostile_identifiers_are_quoted() {
             "ck\"pt; drop",
         ]));
     assert_eq!(code, 0, "{text}");
+
     for index in 0..targets.len() {
         let counts = counts(&summary, index);
         assert_eq!(counts["rows_scanned"], 50, "target {index}: {text}");
@@ -1204,7 +1272,8 @@ async fn hostile_identifiers_are_quoted() {
         .await
         .unwrap();
     assert_eq!(checkpoints, 2, "one range per target in the hostile schema");
-    for table in [r#""my ""schema"";"."we""ird; t""#, r#"public."we""ird; t""#] {
+
+    for table in tables {
         let after: Vec<(i32, String)> =
             sqlx::query_as(&format!(r#"SELECT "i""d", "c c" FROM {table} ORDER BY 1"#))
                 .fetch_all(&db.pool)
@@ -1253,7 +1322,8 @@ async fn hostile_inputs_exit_2_and_write_nothing() {
     let unicode = write_key("unicode.key", format!("{}é", &new_hex[..63]));
     let good_target = r#"public."we""ird; t"."c c""#;
 
-    let cases: Vec<(&str, Vec<String>, Vec<(&str, String)>, &str)> = vec![
+    // Each case: name, arguments, environment variables, expected message.
+    let cases: Vec<(&str, Vec<String>, Environment, &str)> = vec![
         (
             "key two characters too long",
             key_args(good_target, &old.path, &long),
@@ -1419,6 +1489,9 @@ async fn hostile_inputs_exit_2_and_write_nothing() {
         .unwrap();
     assert_eq!(schema, None, "no checkpoint schema is created on bad input");
 }
+
+/// Environment variables of one invocation, as (name, value).
+type Environment = Vec<(&'static str, String)>;
 
 /// `run` arguments with key files for the old and the new key.
 fn key_args(target: &str, old: &Path, new: &Path) -> Vec<String> {
