@@ -14,8 +14,6 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{output_text, run_command, KeyFile, TestDb};
@@ -672,8 +670,9 @@ struct WriterLog {
     operations: u64,
 }
 
-/// One application writer: updates, inserts and deletes the rows whose id is
-/// `index` modulo `writers`, under either key, until `stop` is set.
+/// One application writer: makes `operations` updates, inserts and deletes,
+/// under either key, of the rows up to `rows` whose id is `index` modulo
+/// `writers`, and of rows it inserts.
 async fn application_writer(
     pool: PgPool,
     index: i64,
@@ -681,7 +680,7 @@ async fn application_writer(
     rows: i64,
     keys: (Key, Key),
     seed: u64,
-    stop: Arc<AtomicBool>,
+    operations: u64,
 ) -> WriterLog {
     let (old, new) = keys;
     let mut random = Xorshift(seed | 1);
@@ -689,7 +688,7 @@ async fn application_writer(
     let mut next_insert = 1_000_000 + index;
     let mut log = WriterLog::default();
 
-    while !stop.load(Ordering::SeqCst) {
+    while log.operations < operations {
         log.operations += 1;
         let n = log.operations;
         let plaintext = format!("w{index}-op{n}");
@@ -791,6 +790,7 @@ async fn application_writer(
 #[tokio::test]
 async fn concurrent_writers_lose_no_update() {
     const WRITERS: i64 = 4;
+    const OPERATIONS: u64 = 300;
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -798,52 +798,57 @@ async fn concurrent_writers_lose_no_update() {
     fill(&db.pool, "t", rows, &old.key, &new.key).await;
     let mut random = Xorshift::seeded("concurrent_writers_lose_no_update");
 
+    // Another session locks the last row until every writer is done, so the
+    // main pass cannot end before the last write, and the sweeps come after
+    // all of them. The run waits on the lock instead of timing out. Its
+    // blocked batch locks the rows before the last one, so the writers keep
+    // to the rows up to `rows - 1000`.
+    let mut locker =
+        sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(&db.url).unwrap())
+            .await
+            .unwrap();
+    sqlx::raw_sql(&format!(
+        "BEGIN; SELECT id FROM t WHERE id = {rows} FOR UPDATE"
+    ))
+    .execute(&mut locker)
+    .await
+    .unwrap();
+
     let mut child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
         .args(["--batch-size", "200", "--max-rows-per-second", "2500"])
+        .args([
+            "--lock-timeout-ms",
+            "300000",
+            "--statement-timeout-ms",
+            "300000",
+        ])
         .args(["--max-sweeps", "3", "--format", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
 
-    // The writers stop once the main pass is half done, so every write ends
-    // before the main pass does and the sweeps come after all of them.
+    // The writers start once the run has committed a batch, so that some of
+    // their writes go behind its checkpoint.
+    wait_for_progress(&db.pool, &mut child, 0, Duration::from_secs(60)).await;
     let writer_pool = PgPoolOptions::new()
         .max_connections(WRITERS as u32)
         .connect(&db.url)
         .await
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
     let tasks: Vec<_> = (0..WRITERS)
         .map(|index| {
             tokio::spawn(application_writer(
                 writer_pool.clone(),
                 index,
                 WRITERS,
-                rows,
+                rows - 1000,
                 (old.key.clone(), new.key.clone()),
                 random.next(),
-                stop.clone(),
+                OPERATIONS,
             ))
         })
         .collect();
-    let started = Instant::now();
-    loop {
-        let (scanned, _) = checkpoint_totals(&db.pool).await;
-        if scanned >= rows / 2 {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before half the main pass"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the run stalled"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    stop.store(true, Ordering::SeqCst);
     let mut last: HashMap<i64, Option<String>> = HashMap::new();
     let mut behind = 0;
     let mut operations = 0;
@@ -862,14 +867,12 @@ async fn concurrent_writers_lose_no_update() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert!(
-        open_ranges > 0,
-        "the main pass ended before the writers stopped; the test cannot tell a missed row from a late write"
-    );
+    assert!(open_ranges > 0, "the main pass ended past the row lock");
+    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
+    locker.close().await.unwrap();
     println!(
         "{operations} writes, {behind} rows last written under the old key behind the checkpoint"
     );
-    assert!(operations >= 200, "only {operations} writes happened");
     assert!(behind > 0, "no write went behind the checkpoint");
 
     let output = child.wait_with_output().unwrap();
