@@ -670,9 +670,9 @@ struct WriterLog {
     operations: u64,
 }
 
-/// One application writer: makes `operations` updates, inserts and deletes,
-/// under either key, of the rows up to `rows` whose id is `index` modulo
-/// `writers`, and of rows it inserts.
+/// Plays one application writer: makes `operations` updates, inserts and
+/// deletes, under either key, of the rows up to `rows` whose id is `index`
+/// modulo `writers`, and of rows it inserts.
 async fn application_writer(
     pool: PgPool,
     index: i64,
