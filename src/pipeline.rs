@@ -288,6 +288,16 @@ pub async fn run_range(
                     crypto_seconds,
                     write_seconds,
                 );
+                tracing::debug!(
+                    target = %work.target_label,
+                    range = work.range_index,
+                    pass = ?pass,
+                    rows,
+                    fetch_ms = fetch_seconds * 1000.0,
+                    crypto_ms = crypto_seconds * 1000.0,
+                    write_ms = write_seconds * 1000.0,
+                    "Batch committed."
+                );
                 settings
                     .progress
                     .advance(&work.target_label, pass, counts.rows_scanned as u64);
