@@ -542,10 +542,15 @@ async fn write(
     .await?;
 
     // Conflicts: lock the rows that changed, re-read and re-classify them.
+    // A flag per row keeps this check linear in the batch size.
+    let mut is_written = vec![false; batch.len()];
+    for &row in &written {
+        is_written[row] = true;
+    }
     let conflicted: Vec<usize> = to_write
         .iter()
         .copied()
-        .filter(|r| !written.contains(r) && outcomes[*r] != Outcome::WriteRejected)
+        .filter(|&r| !is_written[r] && outcomes[r] != Outcome::WriteRejected)
         .collect();
     if !conflicted.is_empty() {
         resolve_conflicts(
