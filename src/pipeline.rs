@@ -2,8 +2,8 @@
 //! and compare-and-swap writes committed together with the range's checkpoint.
 //!
 //! The fetch of the next batch and its classification overlap the write of
-//! the previous one. At most two batches are in memory besides the one being
-//! fetched, and each batch is capped in rows and in bytes.
+//! the previous one. At most two batches are in memory, the one being written
+//! and the next one, and each batch is capped in rows and in bytes.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -206,6 +206,11 @@ pub async fn run_range(
                 {
                     return;
                 }
+                // Fetch only once the channel has room, so that the next batch
+                // is the only one waiting besides the one being written.
+                let Ok(permit) = sender.reserve().await else {
+                    return;
+                };
                 let limit = batch_rows.load(Ordering::Relaxed);
                 let batch = match fetch_with_retry(
                     &settings,
@@ -219,7 +224,7 @@ pub async fn run_range(
                 {
                     Ok(batch) => batch,
                     Err(error) => {
-                        let _ = sender.send(Err(error)).await;
+                        permit.send(Err(error));
                         return;
                     }
                 };
@@ -246,9 +251,7 @@ pub async fn run_range(
                     decisions,
                     crypto_seconds,
                 };
-                if sender.send(Ok(classified)).await.is_err() {
-                    return;
-                }
+                permit.send(Ok(classified));
             }
         })
     };
@@ -445,9 +448,17 @@ async fn fetch(
             }
         }
     }
+    release_buffers(&mut tx);
     tx.commit().await?;
     batch.fetch_seconds = started.elapsed().as_secs_f64();
     Ok(batch)
+}
+
+/// Shrinks the connection's read and write buffers back to their default
+/// size. A batch's messages grow them to megabytes, and every pooled
+/// connection would otherwise keep that capacity for the rest of the run.
+fn release_buffers(tx: &mut Transaction<'static, Postgres>) {
+    sqlx::Connection::shrink_buffers(&mut **tx);
 }
 
 enum WriteResult {
@@ -629,6 +640,7 @@ async fn write(
         tx.rollback().await?;
         return Err(WriteError::LeaseLost);
     }
+    release_buffers(&mut tx);
     tx.commit().await?;
 
     // A sweep re-reads rows the main pass already counted, so it reports only
