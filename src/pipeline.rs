@@ -581,7 +581,7 @@ async fn write(
     let mut attention_outcomes = Vec::new();
     for (row, outcome) in outcomes.iter().enumerate() {
         counts.add_outcome(*outcome, 1);
-        if outcome.needs_attention() || *outcome == Outcome::NotInFormat {
+        if outcome.is_reported() {
             attention_keys.push(key_label(&batch.key_of(row)));
             attention_outcomes.push(outcome.label());
         }
