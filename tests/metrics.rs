@@ -412,7 +412,7 @@ async fn fill(db: &TestDb, rows: i64, old: &Key, new: &Key) -> Expected {
         .map(|id| match id % 10 {
             3 => {
                 expected.current += 1;
-                Some(encrypt_string(new, &format!("plain-{id}")))
+                Some(encrypt_string(new, &format!("plaintext-of-row-{id:06}")))
             }
             7 => {
                 expected.null += 1;
@@ -420,7 +420,7 @@ async fn fill(db: &TestDb, rows: i64, old: &Key, new: &Key) -> Expected {
             }
             _ => {
                 expected.reencrypted += 1;
-                Some(encrypt_string(old, &format!("plain-{id}")))
+                Some(encrypt_string(old, &format!("plaintext-of-row-{id:06}")))
             }
         })
         .collect();

@@ -183,7 +183,7 @@ async fn mixed_table_gives_exact_counts() {
     for i in 0..30 {
         rows.push((
             next(),
-            Some(encrypt_string(&old.key, &format!("old-{i}"))),
+            Some(encrypt_string(&old.key, &format!("old-plaintext-{i:06}"))),
             "old",
         ));
     }
@@ -307,7 +307,7 @@ async fn fill(db: &TestDb, table: &str, rows: i64, old: &Key) {
     let ids: Vec<i64> = (1..=rows).collect();
     let values: Vec<String> = ids
         .iter()
-        .map(|id| encrypt_string(old, &format!("plain-{id}")))
+        .map(|id| encrypt_string(old, &format!("plaintext-of-row-{id:06}")))
         .collect();
     sqlx::query(&format!(
         "INSERT INTO {table} SELECT * FROM unnest($1::int8[], $2::text[])"
@@ -323,10 +323,11 @@ async fn assert_all_rotated(db: &TestDb, table: &str, rows: i64, new: &Key) {
     let after = db.values(table, "id", "secret").await;
     assert_eq!(after.len() as i64, rows);
     for (id, value) in after {
+        let id: i64 = id.parse().unwrap();
         let read = decrypt_to_string(new, value.as_deref().unwrap());
         assert_eq!(
             read.as_deref().map(String::as_str),
-            Some(format!("plain-{id}").as_str()),
+            Some(format!("plaintext-of-row-{id:06}").as_str()),
             "row {id}"
         );
     }
@@ -478,7 +479,7 @@ async fn concurrent_writer_is_never_overwritten() {
     for id in 1..=rows + 200 {
         let expected = match last.get(&id) {
             Some(expected) => expected.clone(),
-            None if id <= rows => Some(format!("plain-{id}")),
+            None if id <= rows => Some(format!("plaintext-of-row-{id:06}")),
             None => continue,
         };
         match expected {
@@ -512,7 +513,7 @@ async fn key_types_and_quoted_identifiers() {
     )
     .await;
     for i in 0..300 {
-        let value = encrypt_string(&old.key, &format!("p{i}"));
+        let value = encrypt_string(&old.key, &format!("plaintext-number-{i:04}"));
         sqlx::query("INSERT INTO acc.\"Webhook Configs\" VALUES (gen_random_uuid(), $1)")
             .bind(&value)
             .execute(&db.pool)
@@ -572,7 +573,9 @@ async fn key_types_and_quoted_identifiers() {
             })
             .collect();
         plaintexts.sort();
-        let mut expected: Vec<String> = (0..300).map(|i| format!("p{i}")).collect();
+        let mut expected: Vec<String> = (0..300)
+            .map(|i| format!("plaintext-number-{i:04}"))
+            .collect();
         expected.sort();
         assert_eq!(plaintexts, expected, "{table}");
     }
