@@ -293,7 +293,10 @@ pub async fn register_job(
 
 /// Shows a stored Vault version, or says the key did not come from Vault.
 fn version_text(version: Option<i64>) -> String {
-    version.map_or_else(|| "none: not from Vault".to_string(), |v| format!("version {v}"))
+    version.map_or_else(
+        || "none: not from Vault".to_string(),
+        |v| format!("version {v}"),
+    )
 }
 
 /// Sets a job's status (`running`, `finished`, `failed`, `interrupted`).

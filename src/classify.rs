@@ -73,7 +73,10 @@ impl Outcome {
     /// makes the exit code 3. Not-in-format values are reported by key but do
     /// not count here: plaintext or empty legacy values are common and expected.
     pub fn needs_attention(self) -> bool {
-        matches!(self, Outcome::Undecryptable | Outcome::Ambiguous | Outcome::WriteRejected)
+        matches!(
+            self,
+            Outcome::Undecryptable | Outcome::Ambiguous | Outcome::WriteRejected
+        )
     }
 
     /// Whether the row's key is recorded in the attention table and reported.
