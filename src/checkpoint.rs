@@ -164,6 +164,8 @@ fn counts_from_row(row: &sqlx::postgres::PgRow) -> Result<Counts, sqlx::Error> {
 /// Why a job's stored identity does not allow this run to resume it.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityMismatch {
+    #[error("job {job} is running (its lease is live), so --restart would pull it from under that runner; stop it first, or after a crash on another host wait for the lease to expire or run `reencrypt release --job {job}`")]
+    Running { job: String },
     #[error("job {job} was started with a different {what} (stored {stored}, now {given}); resume with the same settings, or pass --restart to start the job over")]
     Differs {
         job: String,
@@ -188,6 +190,24 @@ pub async fn register_job(
         .execute(&mut *conn)
         .await?;
     if restart {
+        // Restarting must not pull the job from under a live runner.
+        // A lease left on this host by a process that is gone does not count.
+        let leases: Vec<(String, i32)> = sqlx::query_as(&format!(
+            "SELECT host, pid FROM {q}.leases WHERE job = $1 AND expires_at > now()"
+        ))
+        .bind(&identity.job)
+        .fetch_all(&mut *conn)
+        .await?;
+        let this_host = crate::report::host_name();
+        let live = leases.iter().any(|(host, pid)| {
+            *host != this_host
+                || (*pid != std::process::id() as i32 && crate::lease::process_alive(*pid))
+        });
+        if live {
+            return Ok(Err(IdentityMismatch::Running {
+                job: identity.job.clone(),
+            }));
+        }
         sqlx::query(&format!("DELETE FROM {q}.jobs WHERE job = $1"))
             .bind(&identity.job)
             .execute(&mut *conn)

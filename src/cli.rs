@@ -113,12 +113,9 @@ pub struct KeyArgs {
 pub struct TargetArgs {
     /// Column to rotate, as [schema.]table.column; quote parts with double quotes
     /// as in SQL, e.g. acc."Webhook Configs"."Signing Secret". Repeatable.
-    #[arg(
-        long = "target",
-        env = "REENCRYPT_TARGETS",
-        value_delimiter = ',',
-        required = true
-    )]
+    /// A value may list several targets separated by commas; commas inside
+    /// double quotes belong to the name.
+    #[arg(long = "target", env = "REENCRYPT_TARGETS", required = true)]
     pub targets: Vec<String>,
 
     /// Paging key for a table without a primary key: [schema.]table=col[,col].

@@ -53,7 +53,7 @@ pub enum LeaseError {
 }
 
 /// Tells whether a process with this pid exists on this host.
-fn process_alive(pid: i32) -> bool {
+pub(crate) fn process_alive(pid: i32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 

@@ -59,7 +59,13 @@ impl RunSummary {
 
     /// Exit code of a completed run: 3 when rows need attention.
     pub fn exit_code(&self) -> i32 {
-        if self.total().attention() > 0 {
+        // A sweep may find rows needing attention that the main pass counted
+        // as fine; they are in the attention list, not in the counts.
+        let listed = self
+            .attention
+            .iter()
+            .any(|(_, _, outcome)| outcome != Outcome::NotInFormat.label());
+        if self.total().attention() > 0 || listed {
             crate::exit::NEEDS_ATTENTION
         } else {
             crate::exit::SUCCESS

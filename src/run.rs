@@ -28,8 +28,9 @@ pub fn parse_targets(args: &TargetArgs) -> Result<(Vec<TargetSpec>, Vec<UniqueKe
     let specs: Vec<TargetSpec> = args
         .targets
         .iter()
+        .flat_map(|list| crate::target::split_target_list(list))
         .filter(|t| !t.trim().is_empty())
-        .map(|t| TargetSpec::parse(t).map_err(|e| Failure::Config(e.to_string())))
+        .map(|t| TargetSpec::parse(&t).map_err(|e| Failure::Config(e.to_string())))
         .collect::<Result<_, _>>()?;
     if specs.is_empty() {
         return Err(Failure::Config(

@@ -785,3 +785,144 @@ async fn resume_with_other_keys_is_refused() {
         .unwrap();
     assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
 }
+
+#[tokio::test]
+async fn row_level_security_is_rejected() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let role = format!("{}_app", db.name);
+    db.exec(&format!(
+        "CREATE ROLE {role} LOGIN;
+         CREATE TABLE t (id int PRIMARY KEY, tenant text, secret text);
+         ALTER TABLE t OWNER TO {role};
+         ALTER TABLE t ENABLE ROW LEVEL SECURITY;
+         ALTER TABLE t FORCE ROW LEVEL SECURITY;
+         CREATE POLICY tenant_a ON t USING (tenant = 'a');
+         GRANT CREATE ON DATABASE {} TO {role};",
+        db.name
+    ))
+    .await;
+    let value = encrypt_string(&old.key, "hidden-plaintext-0001");
+    sqlx::query("INSERT INTO t VALUES (1, 'b', $1)")
+        .bind(&value)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let url = format!(
+        "{}/{}",
+        common::server_url().replace("postgres@", &format!("{role}@")),
+        db.name
+    );
+    let output = common::binary()
+        .args([
+            "run",
+            "--metrics-listen",
+            "off",
+            "--target",
+            "t.secret",
+            "--database-url",
+            &url,
+        ])
+        .arg("--old-key-file")
+        .arg(&old.path)
+        .arg("--new-key-file")
+        .arg(&new.path)
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    sqlx::raw_sql(&format!(
+        "DROP OWNED BY {role}; REVOKE ALL ON DATABASE {} FROM {role}; DROP ROLE {role}",
+        db.name
+    ))
+    .execute(&db.pool)
+    .await
+    .ok();
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("row-level security"), "{text}");
+}
+
+#[tokio::test]
+async fn restart_leaves_live_runner_alone() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, "t", 3000, &old.key).await;
+    let mut first = run_command(&db, &["t.secret"], &[&old.path], &new.path);
+    first.args(["--batch-size", "100", "--max-rows-per-second", "300"]);
+    let mut first = first
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .arg("--restart")
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("is running"), "{text}");
+}
+
+#[tokio::test]
+async fn quoted_commas_stay_in_target_names() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    db.exec("CREATE TABLE \"odd, name\" (id int PRIMARY KEY, \"se,cret\" text); CREATE TABLE plain (id int PRIMARY KEY, v text);")
+        .await;
+    let value = encrypt_string(&old.key, "comma-plaintext-00001");
+    sqlx::query("INSERT INTO \"odd, name\" VALUES (1, $1)")
+        .bind(&value)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO plain VALUES (1, $1)")
+        .bind(&value)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut command = common::binary();
+    command
+        .args(["run", "--metrics-listen", "off", "--database-url", &db.url])
+        .env("REENCRYPT_TARGETS", "\"odd, name\".\"se,cret\",plain.v")
+        .arg("--old-key-file")
+        .arg(&old.path)
+        .arg("--new-key-file")
+        .arg(&new.path);
+    let (code, summary, text) = run_json(&mut command);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(counts(&summary, 0)["reencrypted"], 1, "{text}");
+    assert_eq!(counts(&summary, 1)["reencrypted"], 1, "{text}");
+}
+
+#[tokio::test]
+async fn sweep_findings_set_exit_code_3() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, "t", 20, &old.key).await;
+    let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
+
+    // After the job finished, a row is rewritten under a key nobody gave.
+    let stranger = Key::generate();
+    sqlx::query("UPDATE t SET secret = $1 WHERE id = 3")
+        .bind(encrypt_string(&stranger, "stranger-plaintext-0001"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(3), "{text}");
+    assert!(text.contains("undecryptable"), "{text}");
+}
