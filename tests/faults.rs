@@ -414,6 +414,21 @@ impl Drop for PgBouncer {
 /// it was, and the counts match the rows rewritten. `original` contains each
 /// row's value from before the job.
 async fn assert_checkpoint_matches_table(db: &TestDb) -> i64 {
+    // A killed client's server backend may still be committing its last
+    // batch; wait for it, or the totals and the rows are read at different times.
+    for _ in 0..200 {
+        let backends: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name = 'reencrypt'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if backends == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (scanned, reencrypted) = checkpoint_totals(&db.pool).await;
     let has_ranges = scanned > 0
         || sqlx::query_scalar::<_, bool>("SELECT to_regclass('reencrypt.ranges') IS NOT NULL")
