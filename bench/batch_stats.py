@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Summarise one `reencrypt run` from its JSON log and GNU time output.
+
+usage: batch_stats.py LOG START END TIME_OUTPUT
+
+LOG is the run's standard error with --log-format json and
+RUST_LOG=reencrypt::pipeline=debug. START and END are the Unix times around
+the process. Prints how the wall time splits into setup, keyset pass, sweep
+and finish. Then prints percentiles of the keyset pass's batches (rows and
+fetch, crypto and write milliseconds) and the peak resident set size.
+"""
+
+import json
+import math
+import sys
+from datetime import datetime
+
+
+def epoch(timestamp):
+    """Unix time of a UTC timestamp as tracing-subscriber writes it, e.g. 2026-12-04T21:47:01.201771Z."""
+    whole, _, fraction = timestamp.rstrip("Z").partition(".")
+    seconds = datetime.fromisoformat(whole + "+00:00").timestamp()
+    return seconds + float("0." + fraction) if fraction else seconds
+
+
+def percentile(values, fraction):
+    """Nearest-rank percentile of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def main():
+    log_path, start, end, time_path = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+    batches = {"Main": [], "Sweep": []}
+    first_range = last_range_done = last_sweep_done = None
+    with open(log_path) as log:
+        for line in log:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            message = event.get("message")
+            at = epoch(event["timestamp"])
+            if message == "Batch committed.":
+                batches[event["pass"]].append(event)
+            elif message == "Range started." and first_range is None:
+                first_range = at
+            elif message == "Range done.":
+                last_range_done = at
+            elif message == "Sweep done.":
+                last_sweep_done = at
+
+    if first_range is not None and last_range_done is not None:
+        pass_end = last_range_done
+        sweep_end = last_sweep_done or last_range_done
+        print(
+            f"  phases: setup {first_range - start:.2f} s, keyset pass {pass_end - first_range:.2f} s, "
+            f"sweep {sweep_end - pass_end:.2f} s ({len(batches['Sweep'])} batches), "
+            f"finish {end - sweep_end:.2f} s"
+        )
+    main_pass = batches["Main"]
+    if main_pass:
+        print(f"  keyset pass: {len(main_pass)} batches, ms per batch (p50 / p95 / p99 / max):")
+        for field, label in (("rows", "rows"), ("fetch_ms", "fetch"), ("crypto_ms", "crypto"), ("write_ms", "write")):
+            values = [float(b[field]) for b in main_pass]
+            figures = " / ".join(f"{percentile(values, q):.0f}" for q in (0.50, 0.95, 0.99)) + f" / {max(values):.0f}"
+            print(f"    {label:<7}{figures}")
+    with open(time_path) as timing:
+        for line in timing:
+            if "Maximum resident set size" in line:
+                kib = int(line.rsplit(":", 1)[1])
+                print(f"  peak RSS: {kib / 1024:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

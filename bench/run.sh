@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# Measures `reencrypt run` against the floor of a plain UPDATE on one synthetic table.
+#
+#   bench/run.sh [ROWS]            (default 1000000)
+#
+# Builds a `credentials` table shaped like the application's (uuid key, a
+# client_secret of about 113 characters encrypted under a random old key
+# with pgcrypto) in the database reencrypt_bench, created if missing. Then, each
+# time on a fresh copy of the table after VACUUM ANALYZE and CHECKPOINT:
+#   1. the floor: one `UPDATE credentials SET client_secret = client_secret || ''`;
+#   2. the release binary, once per writer count in BENCH_WRITERS;
+# and prints rows/s, the ratio to the floor, the time spent before the first
+# range, in the keyset pass and in the final sweep, batch latency percentiles
+# and peak RSS. Each product run is checked: every row must read under the
+# new key.
+#
+# Environment:
+#   BENCH_SERVER   server URL without a database (default postgres://postgres@127.0.0.1:5432)
+#   BENCH_WRITERS  --writers counts to measure, e.g. "1 2 4" (default 1)
+#   BENCH_ARGS     extra arguments for every product run, e.g. "--max-sweeps 0"
+#   BENCH_KEEP     directory to keep logs and summaries in (default: a temporary one)
+#   BENCH_NO_BUILD set to 1 to measure target/release/reencrypt as it is
+# Needs psql, openssl, python3, cargo and GNU time (/usr/bin/time, Debian package `time`).
+set -euo pipefail
+
+rows=${1:-1000000}
+case $rows in '' | *[!0-9]*) echo "usage: $0 [ROWS]" >&2; exit 2 ;; esac
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+server=${BENCH_SERVER:-postgres://postgres@127.0.0.1:5432}
+url="$server/reencrypt_bench"
+binary="$repo/target/release/reencrypt"
+
+for tool in psql openssl python3 cargo /usr/bin/time; do
+  command -v "$tool" >/dev/null || { echo "error: $tool not found (see the header of $0)" >&2; exit 2; }
+done
+
+work=${BENCH_KEEP:-$(mktemp -d)}
+mkdir -p "$work"
+[ -n "${BENCH_KEEP:-}" ] || trap 'rm -rf "$work"' EXIT
+openssl rand -hex 32 >"$work/old.key"
+openssl rand -hex 32 >"$work/new.key"
+old_key=$(cat "$work/old.key")
+new_key=$(cat "$work/new.key")
+
+if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
+  echo "building the release binary"
+  (cd "$repo" && cargo build --release --quiet)
+fi
+export PGOPTIONS="-c client_min_messages=warning"
+
+psql -qAt "$server/postgres" -c "SELECT 1 FROM pg_database WHERE datname = 'reencrypt_bench'" | grep -q 1 ||
+  psql -q "$server/postgres" -c "CREATE DATABASE reencrypt_bench"
+
+echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)," \
+  "$(psql -qAt "$url" -c "SHOW server_version"), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# The template is encrypted once, and each measurement starts from a copy of
+# it, because copying is much faster than encrypting again.
+echo "building the template table: $rows rows"
+psql -q -v ON_ERROR_STOP=1 "$url" -v rows="$rows" -v oldkey="$old_key" <<'SQL'
+CREATE EXTENSION IF NOT EXISTS pgcrypto;
+DROP TABLE IF EXISTS credentials_template;
+CREATE TABLE credentials_template (
+  id uuid PRIMARY KEY,
+  agent_id uuid NOT NULL,
+  client_secret text NOT NULL,
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+-- 'sk_live_' and 48 hex characters, stored as base64(IV):base64(ciphertext),
+-- about 100 characters, as the application writes them.
+INSERT INTO credentials_template (id, agent_id, client_secret)
+SELECT gen_random_uuid(), gen_random_uuid(),
+       replace(encode(iv, 'base64'), E'\n', '') || ':' ||
+       replace(encode(encrypt_iv(convert_to('sk_live_' || encode(gen_random_bytes(24), 'hex'), 'UTF8'),
+                                 decode(:'oldkey', 'hex'), iv, 'aes-cbc/pad:pkcs'), 'base64'), E'\n', '')
+FROM (SELECT gen_random_bytes(16) AS iv FROM generate_series(1, :rows)) AS s;
+SQL
+
+# Replaces `credentials` with a copy of the template and drops the checkpoint
+# schema, so that each run starts a new job.
+fresh() {
+  psql -q -v ON_ERROR_STOP=1 "$url" >/dev/null <<'SQL'
+DROP SCHEMA IF EXISTS reencrypt CASCADE;
+DROP TABLE IF EXISTS credentials;
+CREATE TABLE credentials (LIKE credentials_template INCLUDING ALL);
+INSERT INTO credentials SELECT * FROM credentials_template;
+SQL
+  psql -q "$url" -c "VACUUM ANALYZE credentials" -c "CHECKPOINT"
+}
+
+now() { date +%s.%N; }
+rate() { python3 -c "print(round($rows / ($2 - $1)))"; }
+
+# Rows whose client_secret decrypts under the new key to the template's plaintext pattern.
+readable_under_new() {
+  psql -qAt "$url" -c "SELECT count(*) FROM credentials
+    WHERE convert_from(decrypt_iv(decode(split_part(client_secret, ':', 2), 'base64'), decode('$new_key', 'hex'),
+          decode(split_part(client_secret, ':', 1), 'base64'), 'aes-cbc/pad:pkcs'), 'UTF8') LIKE 'sk_live_%'"
+}
+
+fresh
+start=$(now)
+psql -q "$url" -c "UPDATE credentials SET client_secret = client_secret || ''"
+end=$(now)
+floor_rate=$(rate "$start" "$end")
+printf 'floor: one UPDATE over %d rows: %.2f s, %d rows/s\n' "$rows" "$(python3 -c "print($end - $start)")" "$floor_rate"
+
+# Runs the product with the given writer count and prints its figures.
+measure() {
+  local writers=$1 log="$work/writers-$1.log" summary="$work/writers-$1.json" timing="$work/writers-$1.time"
+  fresh
+  local start end code=0
+  start=$(now)
+  # shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments.
+  RUST_LOG=info,sqlx=warn,reencrypt::pipeline=debug /usr/bin/time -v -o "$timing" \
+    "$binary" --log-format json run \
+    --database-url "$url" --target credentials.client_secret \
+    --old-key-file "$work/old.key" --new-key-file "$work/new.key" \
+    --metrics-listen off --progress off --format json --writers "$writers" ${BENCH_ARGS:-} \
+    >"$summary" 2>"$log" || code=$?
+  end=$(now)
+  if [ "$code" -ne 0 ]; then
+    echo "error: the product exited with $code. The end of its log follows, and BENCH_KEEP=DIR keeps the whole log." >&2
+    tail -5 "$log" >&2
+    return 1
+  fi
+  local product_rate readable
+  product_rate=$(rate "$start" "$end")
+  readable=$(readable_under_new)
+  printf 'product, %d writer(s): %.2f s, %d rows/s, %.2f x the floor, rows readable under the new key: %d of %d\n' \
+    "$writers" "$(python3 -c "print($end - $start)")" "$product_rate" \
+    "$(python3 -c "print($product_rate / $floor_rate)")" "$readable" "$rows"
+  python3 "$here/batch_stats.py" "$log" "$start" "$end" "$timing"
+  [ "$readable" -eq "$rows" ] || { echo "error: $((rows - readable)) rows do not read under the new key" >&2; return 1; }
+}
+
+failed=0
+for writers in ${BENCH_WRITERS:-1}; do
+  measure "$writers" || failed=1
+done
+exit "$failed"
