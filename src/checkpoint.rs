@@ -254,6 +254,14 @@ pub async fn register_job(
     if targets != identity.targets {
         return differs("target list", targets.join(" "), identity.targets.join(" "));
     }
+    let new_version: Option<i64> = row.try_get("new_key_version")?;
+    if new_version != identity.new_key_version {
+        return differs(
+            "Vault version of the new key (the current version may have moved on since the job started; pin it with --new-key-vault-version)",
+            version_text(new_version),
+            version_text(identity.new_key_version),
+        );
+    }
     let new_fp: String = row.try_get("new_key_fingerprint")?;
     if new_fp != identity.new_key_fingerprint {
         return differs(
@@ -268,14 +276,6 @@ pub async fn register_job(
             "set of old keys",
             format!("fingerprints {}", old_fps.join(",")),
             format!("fingerprints {}", identity.old_key_fingerprints.join(",")),
-        );
-    }
-    let new_version: Option<i64> = row.try_get("new_key_version")?;
-    if new_version != identity.new_key_version {
-        return differs(
-            "Vault version of the new key (the current version may have moved on since the job started; pin it with --new-key-vault-version)",
-            version_text(new_version),
-            version_text(identity.new_key_version),
         );
     }
     let old_versions: Vec<i64> = row.try_get("old_key_versions")?;

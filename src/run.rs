@@ -159,11 +159,20 @@ pub fn default_job_name(targets: &[Target], keys: &KeySet) -> String {
         hash.update([0]);
     }
     let digest = hex::encode(hash.finalize());
-    format!(
-        "rotate-{}-{}",
-        &keys.new.key.fingerprint()[..8],
-        &digest[..8]
-    )
+
+    // A new key from Vault is named by its location, not its fingerprint, so
+    // that a rerun after the secret gets a new version finds the same job and
+    // its stored version check rejects the resume instead of starting afresh.
+    let new_key = match &keys.new.origin {
+        crate::keys::KeyOrigin::Vault {
+            mount, path, field, ..
+        } => {
+            let location = Sha256::digest(format!("{mount}\0{path}\0{field}").as_bytes());
+            format!("vault{}", &hex::encode(location)[..8])
+        }
+        _ => keys.new.key.fingerprint()[..8].to_string(),
+    };
+    format!("rotate-{new_key}-{}", &digest[..8])
 }
 
 /// Ensures the target's ranges exist (the first runner of a job computes them),

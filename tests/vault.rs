@@ -1538,7 +1538,7 @@ async fn resume_refused_after_current_version_moves_on() {
     assert_eq!(code(&output), 0, "{}", output_text(&output));
     assert_rows_under(&db, &new, &plaintexts).await;
 
-    // A different key as the current version is a different new key.
+    // A different key as the current version: the version check explains it.
     bao.put_key(&Key::generate());
     let output = run_from_vault(
         &bao,
@@ -1547,7 +1547,29 @@ async fn resume_refused_after_current_version_moves_on() {
     );
     assert_eq!(code(&output), 2, "{}", output_text(&output));
     assert!(
-        stderr(&output).contains("with a different new key"),
+        stderr(&output).contains("with a different Vault version of the new key"),
+        "{}",
+        output_text(&output)
+    );
+    assert_rows_under(&db, &new, &plaintexts).await;
+
+    // Without --job the default name follows the Vault location, so the same
+    // command finds the same job once the current version moves on.
+    let default_job = ["--max-sweeps", "0", "--old-key-vault-version", "1"];
+    let output = run_from_vault(
+        &bao,
+        &db,
+        &[&default_job[..], &["--new-key-vault-version", "2"][..]].concat(),
+    );
+    assert_eq!(code(&output), 0, "{}", output_text(&output));
+    let output = run_from_vault(
+        &bao,
+        &db,
+        &[&default_job[..], &["--new-key-from-vault"][..]].concat(),
+    );
+    assert_eq!(code(&output), 2, "{}", output_text(&output));
+    assert!(
+        stderr(&output).contains("with a different Vault version of the new key"),
         "{}",
         output_text(&output)
     );
