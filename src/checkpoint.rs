@@ -67,7 +67,7 @@ pub async fn schema_exists(conn: &mut PgConnection, schema: &str) -> Result<bool
     Ok(exists)
 }
 
-/// What a job records about its keys and layout; a resumed run must match it.
+/// A job's recorded keys and layout. A resumed run must match it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct JobIdentity {
     pub job: String,
@@ -161,7 +161,7 @@ fn counts_from_row(row: &sqlx::postgres::PgRow) -> Result<Counts, sqlx::Error> {
     })
 }
 
-/// Why a job's stored identity does not allow this run to resume it.
+/// A mismatch between a job's stored identity and this run, which blocks the resume.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityMismatch {
     #[error("job {job} is running (its lease is live), so --restart would pull it from under that runner; stop it first, or after a crash on another host wait for the lease to expire or run `reencrypt release --job {job}`")]
@@ -176,7 +176,7 @@ pub enum IdentityMismatch {
 }
 
 /// Creates the job if it does not exist, or checks that this run matches it.
-/// With `restart`, forgets the job's checkpoints first.
+/// With `restart`, deletes the job's checkpoints first.
 pub async fn register_job(
     conn: &mut PgConnection,
     schema: &str,
@@ -311,7 +311,7 @@ pub async fn register_job(
     Ok(Ok(()))
 }
 
-/// Shows a stored Vault version, or says the key did not come from Vault.
+/// Formats a stored Vault version, or notes that the key did not come from Vault.
 fn version_text(version: Option<i64>) -> String {
     version.map_or_else(
         || "none: not from Vault".to_string(),

@@ -90,7 +90,7 @@ pub struct DatabaseArgs {
     pub schema: String,
 }
 
-/// Where the keys come from. Keys given in several ways are all used.
+/// Key sources. Keys given in several ways are all used.
 #[derive(Args, Debug, Clone, Default)]
 pub struct KeyArgs {
     /// File holding the new key (64 hex characters; whitespace around it is ignored).
@@ -108,7 +108,7 @@ pub struct KeyArgs {
     pub vault: VaultArgs,
 }
 
-/// Which tables and columns to rotate.
+/// Tables and columns to rotate.
 #[derive(Args, Debug, Clone, Default)]
 pub struct TargetArgs {
     /// Column to rotate, as [schema.]table.column; quote parts with double quotes

@@ -25,7 +25,7 @@ pub const IV_BYTES: usize = 16;
 /// AES block length in bytes.
 pub const BLOCK_BYTES: usize = 16;
 
-/// Why a value is not in the format. None of the variants carries value bytes.
+/// The reason a value is not in the format. No variant carries value bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FormatError {
     #[error("no ':' separator")]

@@ -2,7 +2,7 @@
 
 use crate::exit;
 
-/// Why a command did not complete. The variant decides the exit code.
+/// The reason a command did not complete. The variant decides the exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
     /// Bad input or configuration: fix it, do not retry. Nothing was written.

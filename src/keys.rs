@@ -21,7 +21,7 @@ const FINGERPRINT_LABEL: &[u8] = b"reencrypt key fingerprint v1";
 /// Number of hexadecimal characters shown of a fingerprint.
 const FINGERPRINT_HEX_CHARS: usize = 16;
 
-/// Why a key text was rejected. Messages never contain the key text itself.
+/// The reason a key text was rejected. Messages never contain the key text itself.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KeyError {
     #[error("invalid encryption key: expected a 64-character hex string, got {0} characters")]
@@ -107,7 +107,7 @@ impl fmt::Debug for Key {
     }
 }
 
-/// Where a key was read from, shown by `reencrypt keys` and stored with the job.
+/// The source a key was read from, shown by `reencrypt keys` and stored with the job.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum KeyOrigin {

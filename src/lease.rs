@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::db::Database;
 use crate::target::quote_ident;
 
-/// How this process identifies itself in a lease.
+/// This process's identity in a lease.
 #[derive(Debug, Clone)]
 pub struct Holder {
     /// Random per process, so a restarted process never mistakes an old lease for its own.

@@ -73,7 +73,7 @@ impl RetryPolicy {
     }
 }
 
-/// Why a range stopped early.
+/// The reason a range stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum RangeError {
     #[error("stopped by a signal after the last committed batch")]
@@ -90,7 +90,7 @@ pub enum RangeError {
     Database(String),
 }
 
-/// Which pass over a range this is.
+/// The kind of pass over a range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
     /// The keyset pass: checkpoints its position and counts every outcome.
@@ -337,7 +337,7 @@ fn adapt_batch_size(
     };
     let current = batch_rows.load(Ordering::Relaxed);
     if rows < current {
-        return; // A short batch (end of range, byte cap) says nothing about the size.
+        return; // A short batch (end of range, byte cap) tells nothing about the right size.
     }
     let target = target.as_secs_f64();
     let next = if write_seconds < target / 2.0 {
@@ -790,7 +790,7 @@ async fn resolve_conflicts(
             && !written.contains(&i)
             && reread_outcomes[i] != Outcome::WriteRejected
         {
-            // Unreachable while the row lock holds; leave the row and say so.
+            // Unreachable while the row lock holds; leave the row and log it.
             tracing::error!(key = %key_label(&batch.key_of(*row)), "A locked row changed before it could be rewritten; it is left unchanged.");
             outcomes[*row] = Outcome::Undecryptable;
         }

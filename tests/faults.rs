@@ -415,7 +415,7 @@ impl Drop for PgBouncer {
 /// row's value from before the job.
 async fn assert_checkpoint_matches_table(db: &TestDb) -> i64 {
     // A killed client's server backend may still be committing its last
-    // batch; wait for it, or the totals and the rows are read at different times.
+    // batch. Wait for it, so the totals and the rows are read at the same point.
     for _ in 0..200 {
         let backends: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \

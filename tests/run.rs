@@ -912,7 +912,7 @@ async fn sweep_findings_set_exit_code_3() {
         .unwrap();
     assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
 
-    // After the job finished, a row is rewritten under a key nobody gave.
+    // After the job finished, a row is rewritten under a key the run was not given.
     let stranger = Key::generate();
     sqlx::query("UPDATE t SET secret = $1 WHERE id = 3")
         .bind(encrypt_string(&stranger, "stranger-plaintext-0001"))
