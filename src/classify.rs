@@ -6,8 +6,11 @@
 //! under exactly one old key and not under the new key is rewritten.
 //! "Decrypts" means: in the format, valid padding, and valid UTF-8 plaintext.
 
+use std::cell::RefCell;
+
 use aes::cipher::block_padding::Pkcs7;
-use aes::cipher::{BlockDecryptMut, BlockEncryptMut, KeyIvInit};
+use aes::cipher::{BlockDecryptMut, BlockEncryptMut, InnerIvInit, KeyInit, KeyIvInit};
+use aes::Aes256;
 use zeroize::Zeroizing;
 
 use crate::envelope::{self, Envelope, IV_BYTES};
@@ -117,16 +120,22 @@ enum EncryptError {
     Random,
 }
 
-/// The new key and the old keys, ready to classify values.
+/// The new key and the old keys, ready to classify values. Each key's AES
+/// key schedule is expanded once here rather than once per value; the
+/// schedules are zeroized when dropped.
 #[derive(Clone)]
 pub struct Keyring {
-    new: Key,
-    old: Vec<Key>,
+    new: Aes256,
+    old: Vec<Aes256>,
 }
 
 impl Keyring {
     pub fn new(new: Key, old: Vec<Key>) -> Keyring {
-        Keyring { new, old }
+        let schedule = |key: &Key| Aes256::new(key.as_bytes().into());
+        Keyring {
+            new: schedule(&new),
+            old: old.iter().map(schedule).collect(),
+        }
     }
 
     /// Classifies a stored value and, when it is under an old key, produces its
@@ -181,9 +190,8 @@ impl Keyring {
     /// so the written value can never be classified as ambiguous later.
     fn encrypt_verified(&self, plaintext: &[u8]) -> Result<String, EncryptError> {
         for _ in 0..MAX_IV_ATTEMPTS {
-            let mut iv = [0u8; IV_BYTES];
-            getrandom::getrandom(&mut iv).map_err(|_| EncryptError::Random)?;
-            let ciphertext = Encryptor::new(self.new.as_bytes().into(), &iv.into())
+            let iv = fresh_iv().map_err(|_| EncryptError::Random)?;
+            let ciphertext = Encryptor::inner_iv_init(self.new.clone(), &iv.into())
                 .encrypt_padded_vec_mut::<Pkcs7>(plaintext);
             let envelope = Envelope { iv, ciphertext };
 
@@ -200,11 +208,44 @@ impl Keyring {
     }
 }
 
-/// Decrypts under `key`, returning the plaintext only if the padding is valid
-/// and the plaintext is valid UTF-8.
-fn decrypt(key: &Key, envelope: &Envelope) -> Option<Zeroizing<Vec<u8>>> {
+/// Random bytes for IVs, drawn from the operating system 256 IVs at a time
+/// instead of with one system call per value.
+struct IvPool {
+    bytes: [u8; IV_BYTES * 256],
+    next: usize,
+}
+
+thread_local! {
+    static IV_POOL: RefCell<IvPool> = const {
+        RefCell::new(IvPool {
+            bytes: [0; IV_BYTES * 256],
+            next: IV_BYTES * 256,
+        })
+    };
+}
+
+/// A fresh random IV. Each IV is handed out once.
+fn fresh_iv() -> Result<[u8; IV_BYTES], getrandom::Error> {
+    IV_POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        if pool.next == pool.bytes.len() {
+            getrandom::getrandom(&mut pool.bytes)?;
+            pool.next = 0;
+        }
+        let start = pool.next;
+        let mut iv = [0u8; IV_BYTES];
+        iv.copy_from_slice(&pool.bytes[start..start + IV_BYTES]);
+        pool.bytes[start..start + IV_BYTES].fill(0);
+        pool.next += IV_BYTES;
+        Ok(iv)
+    })
+}
+
+/// Decrypts under a key schedule, returning the plaintext only if the
+/// padding is valid and the plaintext is valid UTF-8.
+fn decrypt(key: &Aes256, envelope: &Envelope) -> Option<Zeroizing<Vec<u8>>> {
     let plaintext = Zeroizing::new(
-        Decryptor::new(key.as_bytes().into(), &envelope.iv.into())
+        Decryptor::inner_iv_init(key.clone(), &envelope.iv.into())
             .decrypt_padded_vec_mut::<Pkcs7>(&envelope.ciphertext)
             .ok()?,
     );
@@ -216,7 +257,7 @@ fn decrypt(key: &Key, envelope: &Envelope) -> Option<Zeroizing<Vec<u8>>> {
 /// the demo and verification. `None` when the value does not decrypt.
 pub fn decrypt_to_string(key: &Key, value: &str) -> Option<Zeroizing<String>> {
     let envelope = envelope::parse(value).ok()?;
-    let plaintext = decrypt(key, &envelope)?;
+    let plaintext = decrypt(&Aes256::new(key.as_bytes().into()), &envelope)?;
     Some(Zeroizing::new(String::from_utf8(plaintext.to_vec()).ok()?))
 }
 
