@@ -259,10 +259,15 @@ async fn verify_targets(args: &VerifyArgs) -> Result<i32, Failure> {
         total.add(&scan.counts);
     }
     let verdict = VerifyEvidence::from_counts(&total);
-    let code = if verdict.passed {
-        crate::exit::SUCCESS
-    } else {
+    // Values under no key given may be under a key that was not given (a
+    // wrong --old-key-file, a forgotten older key), so they keep the
+    // verification from passing cleanly.
+    let code = if !verdict.passed {
         crate::exit::VERIFY_FAILED
+    } else if verdict.undecryptable > 0 {
+        crate::exit::NEEDS_ATTENTION
+    } else {
+        crate::exit::SUCCESS
     };
     let listed = listed_keys(&scans, limit as usize);
     let keys = KeyEvidence::from_keys(&prepared.keys);

@@ -413,7 +413,7 @@ pub fn render_verify(
     }
     if total.undecryptable > 0 {
         out.push_str(&format!(
-            "{} values decrypt under no key given; they do not fail verify, but no key read them before either\n",
+            "{} values decrypt under no key given (exit code 3): they may be under a key that was not given; make sure no old key is missing before retiring one\n",
             total.undecryptable
         ));
     }

@@ -485,6 +485,23 @@ async fn verify_fails_before_run_and_passes_after() {
     assert_eq!(code, 5, "{text}");
     assert!(text.contains("verify failed: 30 values"), "{text}");
 
+    // With a wrong old key, the old-key values decrypt under no key given:
+    // nothing is found under an old key, and yet the verification must not pass.
+    let wrong = KeyFile::generate();
+    let (code, result, text) = json_output(&mut scan_command(
+        "verify",
+        &db,
+        &[TARGET],
+        &wrong.path,
+        &new.path,
+    ));
+    assert_eq!(code, 3, "{text}");
+    assert_eq!(number(&result["verify"], "old_key"), 0);
+    assert_eq!(
+        number(&result["verify"], "undecryptable"),
+        expected.old_key + expected.undecryptable
+    );
+
     let (code, text) = plain_output(&mut run_command(&db, &[TARGET], &[&old.path], &new.path));
     assert_eq!(code, 3, "{text}");
 
@@ -495,7 +512,7 @@ async fn verify_fails_before_run_and_passes_after() {
         &old.path,
         &new.path,
     ));
-    assert_eq!(code, 0, "{text}");
+    assert_eq!(code, 3, "the undecryptable rows remain: {text}");
     assert_eq!(result["verify"]["passed"], true);
     let after = &result["targets"][0]["after"];
     assert_eq!(number(after, "rows"), expected.rows());
@@ -521,6 +538,26 @@ async fn verify_fails_before_run_and_passes_after() {
             "not_in_format"
         ]
     );
+
+    // Once the undecryptable rows are gone, the verification passes cleanly.
+    for attention in result["attention"].as_array().unwrap() {
+        if attention["outcome"] == "undecryptable" {
+            sqlx::query("DELETE FROM creds WHERE id = $1::text::bigint")
+                .bind(attention["key"].as_str().unwrap())
+                .execute(&db.pool)
+                .await
+                .unwrap();
+        }
+    }
+    let (code, text) = plain_output(&mut scan_command(
+        "verify",
+        &db,
+        &[TARGET],
+        &old.path,
+        &new.path,
+    ));
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("verify passed"), "{text}");
 }
 
 #[tokio::test]
@@ -538,7 +575,8 @@ async fn verify_catches_late_old_key_value() {
         &old.path,
         &new.path,
     ));
-    assert_eq!(code, 0, "{text}");
+    assert_eq!(code, 3, "only the undecryptable rows remain: {text}");
+    assert!(text.contains("verify passed"), "{text}");
 
     // A stale application replica writes under the old key after the run.
     let value = encrypt_string(&old.key, "written by a stale replica");
@@ -1030,21 +1068,21 @@ async fn verify_report_records_evidence() {
             .args(["--job", "audited", "--operator", "bob", "--report"])
             .arg(&second),
     );
-    assert_eq!(code, 0, "{text}");
+    assert_eq!(code, 3, "the undecryptable rows remain: {text}");
     assert!(
         text.contains("recorded in reencrypt.runs with id"),
         "{text}"
     );
     let report = read_report(&second, &[&old.key, &new.key]);
     assert_eq!(report["verify"]["passed"], true);
-    assert_eq!(report["exit_code"], 0);
+    assert_eq!(report["exit_code"], 3);
     let (exit_code, stored): (i32, serde_json::Value) = sqlx::query_as(
         "SELECT exit_code, report FROM reencrypt.runs WHERE job = 'audited' AND command = 'verify'",
     )
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!(exit_code, 0);
+    assert_eq!(exit_code, 3);
     assert_eq!(stored, report);
 }
 
