@@ -191,7 +191,9 @@ pub struct RunArgs {
     pub dry_run: bool,
 
     /// Concurrent writers per target, each on its own key range and connection.
-    /// Fixed for the life of a job.
+    /// Fixed for the life of a job. With adaptive batch sizing the writers
+    /// share the batch limits, so memory does not grow with their number; a
+    /// fixed --batch-size applies to each writer.
     #[arg(long, env = "REENCRYPT_WRITERS", default_value_t = 1)]
     pub writers: u32,
 

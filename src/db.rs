@@ -69,6 +69,22 @@ impl Database {
             .await
     }
 
+    /// Begins a read-only transaction for reading rows changed since a
+    /// horizon. Such a filter cannot use an index, and an index scan in key
+    /// order would visit every row of the table in random order, so the plan
+    /// is held to one sequential scan. Each statement is planned with its
+    /// parameters, which lets PostgreSQL 14 and later look the list of
+    /// transaction IDs up in a hash table.
+    pub async fn begin_changed_scan(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        let begin = self.begin_statement("BEGIN READ ONLY");
+        self.pool
+            .begin_with(format!(
+                "{begin}; SET LOCAL enable_indexscan = off; SET LOCAL enable_indexonlyscan = off; \
+                 SET LOCAL enable_bitmapscan = off; SET LOCAL plan_cache_mode = force_custom_plan"
+            ))
+            .await
+    }
+
     /// The statement that opens a transaction: `begin`, then the removal of
     /// statements left on the server connection, then the timeouts.
     fn begin_statement(&self, begin: &str) -> String {

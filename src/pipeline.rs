@@ -108,6 +108,57 @@ pub struct RangeWork {
     pub after: Option<Vec<String>>,
     /// Inclusive upper bound; `None` means no bound (sweeps of the last range).
     pub upper: Option<Vec<String>>,
+    /// Read only rows changed since this point (a sweep after a pass).
+    pub changed_since: Option<Arc<ChangedSince>>,
+}
+
+/// Which rows a sweep must read again after a pass of this process: those
+/// whose current version was written by a transaction that may not have been
+/// visible when the pass started, except by the transactions that wrote the
+/// pass's own batches.
+///
+/// A row whose version is older than the horizon is the version the pass
+/// read, so the pass already decided it; a row written by one of `writers`
+/// holds the value the pass wrote. Any other change since (an update, an
+/// insert, a key change) gives the row a newer version, which the filter
+/// keeps. Only key ranges the pass of this process covered may be filtered.
+#[derive(Debug, Clone)]
+pub struct ChangedSince {
+    /// The oldest transaction that may have been running when the pass started
+    /// (the `xmin` of a snapshot taken before its first read), as a 32-bit ID.
+    pub horizon: u32,
+    /// IDs of this process's transactions whose rows need no second look.
+    pub writers: Vec<u32>,
+}
+
+impl ChangedSince {
+    fn writer_list(&self) -> Vec<String> {
+        self.writers.iter().map(u32::to_string).collect()
+    }
+}
+
+/// What a pass over one range did: its counts, and the transactions that
+/// wrote its batches (for the filter of a later sweep).
+#[derive(Debug, Default)]
+pub struct RangeOutcome {
+    pub counts: Counts,
+    pub writers: Vec<u32>,
+}
+
+/// The `xmin` of a fresh snapshot, as a 32-bit transaction ID: every
+/// transaction that commits after this call has an ID at or after it.
+pub async fn horizon(db: &Database) -> Result<u32, sqlx::Error> {
+    let mut tx = db.begin_read_only().await?;
+    let xmin: i64 = sqlx::query_scalar("SELECT txid_snapshot_xmin(txid_current_snapshot())")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(xid32(xmin))
+}
+
+/// The 32-bit transaction ID of an epoch-qualified one from `txid_current()`.
+fn xid32(full: i64) -> u32 {
+    (full as u64 & u64::from(u32::MAX)) as u32
 }
 
 /// Rows read from the table, column by column.
@@ -188,7 +239,7 @@ pub async fn run_range(
     statements: Arc<Statements>,
     work: RangeWork,
     pass: Pass,
-) -> Result<Counts, RangeError> {
+) -> Result<RangeOutcome, RangeError> {
     let (sender, mut receiver) = mpsc::channel::<Result<ClassifiedBatch, RangeError>>(1);
     let batch_rows = Arc::new(std::sync::atomic::AtomicUsize::new(settings.batch.rows));
 
@@ -212,22 +263,16 @@ pub async fn run_range(
                     return;
                 };
                 let limit = batch_rows.load(Ordering::Relaxed);
-                let batch = match fetch_with_retry(
-                    &settings,
-                    &statements,
-                    &work.target_label,
-                    after.as_deref(),
-                    work.upper.as_deref(),
-                    limit,
-                )
-                .await
-                {
-                    Ok(batch) => batch,
-                    Err(error) => {
-                        permit.send(Err(error));
-                        return;
-                    }
-                };
+                let batch =
+                    match fetch_with_retry(&settings, &statements, &work, after.as_deref(), limit)
+                        .await
+                    {
+                        Ok(batch) => batch,
+                        Err(error) => {
+                            permit.send(Err(error));
+                            return;
+                        }
+                    };
                 if batch.len() == 0 {
                     return;
                 }
@@ -257,7 +302,7 @@ pub async fn run_range(
     };
 
     // Write batches in order; split a batch that timed out.
-    let mut totals = Counts::default();
+    let mut totals = RangeOutcome::default();
     let mut pending: Vec<ClassifiedBatch> = Vec::new();
     let result = loop {
         let next = match pending.pop() {
@@ -281,9 +326,10 @@ pub async fn run_range(
         let crypto_seconds = next.crypto_seconds;
         let started = Instant::now();
         match write_with_retry(settings, &statements, &work, pass, next).await {
-            Ok(WriteResult::Committed(counts)) => {
+            Ok(WriteResult::Committed(counts, writer)) => {
                 let write_seconds = started.elapsed().as_secs_f64();
-                totals.add(&counts);
+                totals.counts.add(&counts);
+                totals.writers.extend(writer);
                 metrics::record_batch(
                     &work.target_label,
                     &counts,
@@ -396,28 +442,34 @@ where
 async fn fetch_with_retry(
     settings: &PipelineSettings,
     statements: &Statements,
-    target: &str,
+    work: &RangeWork,
     after: Option<&[String]>,
-    upper: Option<&[String]>,
     limit: usize,
 ) -> Result<Batch, RangeError> {
-    with_retry(settings, "fetch", target, || {
-        fetch(settings, statements, after, upper, limit)
+    with_retry(settings, "fetch", &work.target_label, || {
+        fetch(settings, statements, work, after, limit)
     })
     .await
 }
 
-/// Reads the next batch after `after`, up to `upper`, capped in rows and bytes.
+/// Reads the next batch after `after`, up to the range's end, capped in rows
+/// and bytes; in a sweep of changed rows, only those.
 async fn fetch(
     settings: &PipelineSettings,
     statements: &Statements,
+    work: &RangeWork,
     after: Option<&[String]>,
-    upper: Option<&[String]>,
     limit: usize,
 ) -> Result<Batch, sqlx::Error> {
     let started = Instant::now();
-    let mut tx = settings.db.begin_read_only().await?;
-    let mut query = sqlx::query(statements.fetch(after.is_some(), upper.is_some()));
+    let upper = work.upper.as_deref();
+    let changed = work.changed_since.as_deref();
+    let mut tx = match changed {
+        Some(_) => settings.db.begin_changed_scan().await?,
+        None => settings.db.begin_read_only().await?,
+    };
+    let mut query =
+        sqlx::query(statements.fetch(after.is_some(), upper.is_some(), changed.is_some()));
     for part in after
         .into_iter()
         .flatten()
@@ -426,6 +478,11 @@ async fn fetch(
         query = query.bind(part);
     }
     query = query.bind(limit as i64);
+    if let Some(changed) = changed {
+        query = query
+            .bind(changed.horizon.to_string())
+            .bind(changed.writer_list());
+    }
 
     let key_len = statements.key_len;
     let mut batch = Batch {
@@ -462,7 +519,8 @@ fn release_buffers(tx: &mut Transaction<'static, Postgres>) {
 }
 
 enum WriteResult {
-    Committed(Counts),
+    /// Committed; the transaction's ID when every row it wrote carries it.
+    Committed(Counts, Option<u32>),
     /// The batch timed out: process these halves instead.
     Split(ClassifiedBatch, ClassifiedBatch),
 }
@@ -476,11 +534,17 @@ async fn write_with_retry(
 ) -> Result<WriteResult, RangeError> {
     let started = Instant::now();
     let mut attempt = 0;
+    let mut isolate = false;
     loop {
         attempt += 1;
-        match write(settings, statements, work, pass, &batch).await {
-            Ok(counts) => return Ok(WriteResult::Committed(counts)),
+        match write(settings, statements, work, pass, &batch, isolate).await {
+            Ok((counts, writer)) => return Ok(WriteResult::Committed(counts, writer)),
             Err(WriteError::LeaseLost) => return Err(RangeError::LeaseLost),
+            Err(WriteError::RowRejected) => {
+                // Some row's new value was rejected: write again with each part
+                // under a savepoint, to find the row and let the rest through.
+                isolate = true;
+            }
             Err(WriteError::Database(error)) => {
                 let Some(kind) = db::transient_kind(&error) else {
                     metrics::record_error("database");
@@ -512,6 +576,8 @@ async fn write_with_retry(
 #[derive(Debug)]
 enum WriteError {
     LeaseLost,
+    /// The database rejected the batch because of some row's new value.
+    RowRejected,
     Database(sqlx::Error),
 }
 
@@ -522,13 +588,19 @@ impl From<sqlx::Error> for WriteError {
 }
 
 /// Writes one classified batch and its checkpoint in one transaction.
+/// Returns the counts and, when no row was written under a savepoint, the
+/// transaction's ID, which every written row then carries as its `xmin`.
+///
+/// The first attempt writes the batch in one statement. When the database
+/// rejects a row, `isolate` retries it with bisection under savepoints.
 async fn write(
     settings: &PipelineSettings,
     statements: &Statements,
     work: &RangeWork,
     pass: Pass,
     classified: &ClassifiedBatch,
-) -> Result<Counts, WriteError> {
+    isolate: bool,
+) -> Result<(Counts, Option<u32>), WriteError> {
     let batch = &classified.batch;
     let mut outcomes: Vec<Outcome> = classified.decisions.iter().map(|d| d.outcome).collect();
     let mut tx = settings.db.begin().await?;
@@ -537,20 +609,31 @@ async fn write(
     let to_write: Vec<usize> = (0..batch.len())
         .filter(|&r| classified.decisions[r].new_value.is_some())
         .collect();
-    let written = write_rows(
-        &mut tx,
-        statements,
-        batch,
-        &to_write,
-        |r| {
-            classified.decisions[r]
-                .new_value
-                .as_deref()
-                .unwrap_or_default()
-        },
-        &mut outcomes,
-    )
-    .await?;
+    let new_value = |r: usize| {
+        classified.decisions[r]
+            .new_value
+            .as_deref()
+            .unwrap_or_default()
+    };
+    let written = if isolate {
+        write_rows(
+            &mut tx,
+            statements,
+            batch,
+            &to_write,
+            new_value,
+            &mut outcomes,
+        )
+        .await?
+    } else if to_write.is_empty() {
+        Vec::new()
+    } else {
+        match update(&mut tx, statements, batch, &to_write, new_value).await {
+            Ok(written) => written,
+            Err(error) if db::is_row_error(&error) => return Err(WriteError::RowRejected),
+            Err(error) => return Err(error.into()),
+        }
+    };
 
     // Conflicts: lock the rows that changed, re-read and re-classify them.
     // A flag per row keeps this check linear in the batch size.
@@ -563,7 +646,10 @@ async fn write(
         .copied()
         .filter(|&r| !is_written[r] && outcomes[r] != Outcome::WriteRejected)
         .collect();
+    // Rows written under a savepoint carry a subtransaction's ID instead.
+    let mut savepoints = isolate && !to_write.is_empty();
     if !conflicted.is_empty() {
+        savepoints = true;
         resolve_conflicts(
             settings,
             &mut tx,
@@ -600,10 +686,10 @@ async fn write(
     }
 
     // The checkpoint commits with the batch, and only while the lease is ours.
-    let updated = match pass {
+    let transaction: Option<i64> = match pass {
         Pass::Main => {
             let last_key = batch.key_of(batch.len() - 1);
-            sqlx::query(&statements.checkpoint)
+            sqlx::query_scalar(&statements.checkpoint)
                 .bind(&settings.job)
                 .bind(&work.target_label)
                 .bind(work.range_index)
@@ -620,11 +706,11 @@ async fn write(
                 .bind(counts.deleted)
                 .bind(counts.write_rejected)
                 .bind(counts.conflicts)
-                .execute(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?
         }
         Pass::Sweep => {
-            sqlx::query(&statements.sweep_checkpoint)
+            sqlx::query_scalar(&statements.sweep_checkpoint)
                 .bind(&settings.job)
                 .bind(&work.target_label)
                 .bind(work.range_index)
@@ -632,28 +718,30 @@ async fn write(
                 .bind(&settings.holder.token)
                 .bind(counts.reencrypted)
                 .bind(counts.conflicts)
-                .execute(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?
         }
     };
-    if updated.rows_affected() != 1 {
+    let Some(transaction) = transaction else {
         tx.rollback().await?;
         return Err(WriteError::LeaseLost);
-    }
+    };
     release_buffers(&mut tx);
     tx.commit().await?;
+    let writer = (!savepoints).then(|| xid32(transaction));
 
     // A sweep re-reads rows the main pass already counted, so it reports only
     // what it rotated; summaries and metrics then count every row once.
     if pass == Pass::Sweep {
-        return Ok(Counts {
+        let counts = Counts {
             sweep_reencrypted: counts.reencrypted,
             conflicts: counts.conflicts,
             batches: 1,
             ..Counts::default()
-        });
+        };
+        return Ok((counts, writer));
     }
-    Ok(counts)
+    Ok((counts, writer))
 }
 
 /// Writes the given rows with compare-and-swap. A row-specific failure (a

@@ -79,6 +79,23 @@ pub async fn resolve_targets(
     Ok(targets)
 }
 
+/// Divides the adaptive batch limits among the writers. Each writer holds up
+/// to two batches, so memory stays the same whatever the writer count. A
+/// fixed `--batch-size` is left as given.
+fn shared_by_writers(sizing: BatchSizing, writers: u32) -> BatchSizing {
+    if sizing.target_duration.is_none() {
+        return sizing;
+    }
+    let writers = writers.max(1) as usize;
+    let max_rows = (sizing.max_rows / writers).max(sizing.min_rows);
+    BatchSizing {
+        rows: sizing.rows.min(max_rows),
+        max_rows,
+        max_bytes: (sizing.max_bytes / writers).max(1),
+        ..sizing
+    }
+}
+
 /// Validates tuning options into timeouts, batch sizing and retry bounds.
 pub fn tuning(args: &TuningArgs) -> Result<(Timeouts, BatchSizing, RetryPolicy), Failure> {
     let positive = |name: &str, value: u64| {
@@ -289,6 +306,7 @@ pub async fn run(args: &RunArgs, stop: Arc<AtomicBool>) -> Result<RunSummary, Fa
     // Everything the user typed is checked before any I/O.
     let (specs, unique_keys) = parse_targets(&args.targets)?;
     let (timeouts, sizing, retry) = tuning(&args.tuning)?;
+    let sizing = shared_by_writers(sizing, args.writers);
     if args.job.as_ref().is_some_and(|job| job.trim().is_empty()) {
         return Err(Failure::Config("--job must not be empty".into()));
     }
@@ -584,10 +602,16 @@ async fn rotate_all(
         prepared.push((label, statements, mine, ranges.len()));
     }
 
-    // The keyset pass, range by range, `writers` ranges at a time.
+    // The keyset pass, range by range, `writers` ranges at a time. Each
+    // target's horizon is taken before its pass reads anything, for the sweep.
+    let mut passes: Vec<PassRecord> = Vec::with_capacity(prepared.len());
     for (label, statements, mine, _) in &prepared {
+        let horizon = pipeline::horizon(&settings.db)
+            .await
+            .map_err(|e| Failure::from_database("cannot start the keyset pass", &e))?;
         let pending: Vec<&RangeRecord> = mine.iter().filter(|r| r.status != "done").collect();
-        let results: Vec<Result<(), Failure>> = futures::stream::iter(pending)
+        let results: Vec<Result<RangePassed, Failure>> =
+            futures::stream::iter(pending)
             .map(|range| {
                 let statements = statements.clone();
                 async move {
@@ -596,16 +620,18 @@ async fn rotate_all(
                         range_index: range.range_index,
                         after: range.last_key.clone().or_else(|| range.lower_key.clone()),
                         upper: range.upper_key.clone(),
+                        changed_since: None,
                     };
                     tracing::info!(target = %label, range = range.range_index, resumed_after = ?work.after.as_ref().map(|k| crate::statements::key_label(k)), "Range started.");
-                    pipeline::run_range(settings, statements, work, Pass::Main).await?;
+                    let start = work.after.clone();
+                    let outcome = pipeline::run_range(settings, statements, work, Pass::Main).await?;
                     let mut tx = settings.db.begin().await.map_err(|e| Failure::from_database("cannot mark the range done", &e))?;
                     checkpoint::set_range_status(&mut tx, &settings.schema, &settings.job, label, range.range_index, "done")
                         .await
                         .map_err(|e| Failure::from_database("cannot mark the range done", &e))?;
                     tx.commit().await.map_err(|e| Failure::from_database("cannot mark the range done", &e))?;
                     tracing::info!(target = %label, range = range.range_index, "Range done.");
-                    Ok(())
+                    Ok(RangePassed { range_index: range.range_index, start, writers: outcome.writers })
                 }
             })
             .buffer_unordered(writers)
@@ -613,9 +639,17 @@ async fn rotate_all(
             .await;
         // Report an interruption over other failures only when nothing else failed.
         let mut interrupted = false;
+        let mut record = PassRecord {
+            horizon,
+            writers: Vec::new(),
+            started_from: Vec::new(),
+        };
         for result in results {
             match result {
-                Ok(()) => {}
+                Ok(passed) => {
+                    record.started_from.push((passed.range_index, passed.start));
+                    record.writers.extend(passed.writers);
+                }
                 Err(Failure::Interrupted) => interrupted = true,
                 Err(other) => return Err(other),
             }
@@ -623,6 +657,7 @@ async fn rotate_all(
         if interrupted {
             return Err(Failure::Interrupted);
         }
+        passes.push(record);
     }
 
     // Final sweeps: values written under an old key while the pass ran.
@@ -630,24 +665,34 @@ async fn rotate_all(
     let mut last_found = 0;
     for round in 0..args.max_sweeps {
         let mut found = 0;
-        for (label, statements, mine, total_ranges) in &prepared {
-            for range in mine {
-                let is_last = range.range_index as usize == total_ranges - 1;
-                let work = RangeWork {
-                    target_label: label.clone(),
-                    range_index: range.range_index,
-                    after: range.lower_key.clone(),
-                    // The last range sweeps past the fixed bound, over rows inserted since.
-                    upper: if is_last {
-                        None
-                    } else {
-                        range.upper_key.clone()
-                    },
-                };
-                let counts =
-                    pipeline::run_range(settings, statements.clone(), work, Pass::Sweep).await?;
-                found += counts.sweep_reencrypted;
+        for ((label, statements, mine, total_ranges), record) in prepared.iter().zip(&mut passes) {
+            let horizon = pipeline::horizon(&settings.db)
+                .await
+                .map_err(|e| Failure::from_database("cannot start the sweep", &e))?;
+            let parts = sweep_parts(label, mine, *total_ranges, record, round == 0);
+            let results: Vec<Result<pipeline::RangeOutcome, Failure>> =
+                futures::stream::iter(parts)
+                    .map(|work| {
+                        let statements = statements.clone();
+                        async move {
+                            Ok(
+                                pipeline::run_range(settings, statements, work, Pass::Sweep)
+                                    .await?,
+                            )
+                        }
+                    })
+                    .buffer_unordered(writers)
+                    .collect()
+                    .await;
+            // The next round reads only what changed since this one started.
+            record.horizon = horizon;
+            for result in results {
+                let outcome = result?;
+                found += outcome.counts.sweep_reencrypted;
+                record.writers.extend(outcome.writers);
             }
+            record.writers.sort_unstable();
+            record.writers.dedup();
         }
         sweeps = round + 1;
         last_found = found;
@@ -657,6 +702,99 @@ async fn rotate_all(
         }
     }
     Ok((sweeps, last_found))
+}
+
+/// One range's pass in this process: where it started and who wrote.
+struct RangePassed {
+    range_index: i32,
+    start: Option<Vec<String>>,
+    writers: Vec<u32>,
+}
+
+/// What a pass of this process covered in one target, for its sweeps.
+struct PassRecord {
+    /// Taken before the pass (or the previous sweep) read anything.
+    horizon: u32,
+    /// This process's transactions that wrote rows of the target.
+    writers: Vec<u32>,
+    /// The ranges this process passed over, and the key each pass started
+    /// after: rows from there to the range's end were read at or after the horizon.
+    started_from: Vec<(i32, Option<Vec<String>>)>,
+}
+
+/// The parts of this shard's key space a sweep reads.
+///
+/// Key spans this process has read since the horizon are read only for
+/// changed rows, in one part over the whole shard. Every other span is read
+/// whole on the first round: a range passed by an earlier process (its sweep
+/// never ran), the part of a resumed range before the resume point, and, in
+/// the last range, keys past the bound fixed when the job started (rows
+/// inserted since then, maybe before the horizon).
+fn sweep_parts(
+    label: &str,
+    mine: &[RangeRecord],
+    total_ranges: usize,
+    record: &PassRecord,
+    first_round: bool,
+) -> Vec<RangeWork> {
+    let is_last = |range: &RangeRecord| range.range_index as usize == total_ranges - 1;
+    // A range other than the last one with no upper bound belongs to a table
+    // that was empty when the job started; the last range covers its keys.
+    let reaches = |range: &RangeRecord| is_last(range) || range.upper_key.is_some();
+    let work =
+        |range: &RangeRecord, after: Option<Vec<String>>, upper: Option<Vec<String>>| RangeWork {
+            target_label: label.to_string(),
+            range_index: range.range_index,
+            after,
+            upper,
+            changed_since: None,
+        };
+
+    let mut parts = Vec::new();
+    if first_round {
+        for range in mine.iter().filter(|r| reaches(r)) {
+            let start = record
+                .started_from
+                .iter()
+                .find(|(index, _)| *index == range.range_index)
+                .map(|(_, start)| start.clone());
+            let end = if is_last(range) {
+                None
+            } else {
+                range.upper_key.clone()
+            };
+            match start {
+                None => parts.push(work(range, range.lower_key.clone(), end)),
+                Some(start) => {
+                    if start != range.lower_key {
+                        parts.push(work(range, range.lower_key.clone(), start));
+                    }
+                    if is_last(range) && range.upper_key.is_some() {
+                        parts.push(work(range, range.upper_key.clone(), None));
+                    }
+                }
+            }
+        }
+    }
+    if let (Some(first), Some(last)) = (mine.first(), mine.last()) {
+        if reaches(last) {
+            let mut changed = work(
+                first,
+                first.lower_key.clone(),
+                if is_last(last) {
+                    None
+                } else {
+                    last.upper_key.clone()
+                },
+            );
+            changed.changed_since = Some(Arc::new(pipeline::ChangedSince {
+                horizon: record.horizon,
+                writers: record.writers.clone(),
+            }));
+            parts.push(changed);
+        }
+    }
+    parts
 }
 
 /// Marks the job's state, releases the lease, and reads the summary.
@@ -675,6 +813,13 @@ async fn finish(
     let context = "cannot record the end of the run";
     let mut tx = db
         .begin()
+        .await
+        .map_err(|e| Failure::from_database(context, &e))?;
+    // Shards that finish together take turns, so the last one to count the
+    // open ranges sees every other shard's ranges done and marks the job finished.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("reencrypt job {job}"))
+        .execute(&mut *tx)
         .await
         .map_err(|e| Failure::from_database(context, &e))?;
     let open: i64 = sqlx::query_scalar(&format!(

@@ -289,7 +289,7 @@ async fn fetch_page(
     limit: usize,
 ) -> Result<Page, sqlx::Error> {
     let mut tx = settings.db.begin_read_only().await?;
-    let mut query = sqlx::query(statements.fetch(after.is_some(), false));
+    let mut query = sqlx::query(statements.fetch(after.is_some(), false, false));
     for part in after.into_iter().flatten() {
         query = query.bind(part);
     }

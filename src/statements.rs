@@ -8,15 +8,18 @@ use crate::target::{quote_ident, Target};
 pub struct Statements {
     /// Number of key columns; key values travel as text, one parameter each.
     pub key_len: usize,
-    /// Keyset fetch, by which bounds are present: [none, lower, upper, both].
-    fetch: [String; 4],
+    /// Keyset fetch, by which bounds are present and whether only changed
+    /// rows are read; see `Statements::fetch`.
+    fetch: [String; 8],
     /// Compare-and-swap update from arrays; returns the ordinals written.
     pub write: String,
     /// Locks rows by key and reads their current values; returns ordinals.
     pub lock: String,
-    /// Advances a range's checkpoint, if this runner still holds the lease.
+    /// Advances a range's checkpoint, if this runner still holds the lease;
+    /// returns the transaction's ID.
     pub checkpoint: String,
-    /// Adds a sweep's counts, if this runner still holds the lease.
+    /// Adds a sweep's counts, if this runner still holds the lease; returns
+    /// the transaction's ID.
     pub sweep_checkpoint: String,
     /// Records rows needing attention.
     pub attention: String,
@@ -57,26 +60,40 @@ impl Statements {
                 .join(", ")
         };
 
-        // Keyset fetch: ($1..$n) is the exclusive lower bound, the next n
-        // parameters the inclusive upper bound, the last one the row limit.
+        // Keyset fetch: the exclusive lower bound's parameters come first, then
+        // the inclusive upper bound's, then the row limit, then for a sweep of
+        // changed rows the horizon and the writers (see `ChangedSince`).
         let select = format!("SELECT {key_text}, t.{column}::text AS value FROM {table} AS t");
         let order = format!("ORDER BY {key_list}");
-        let lower = format!("({key_list}) > ({})", params(1));
-        let upper_from = |first| format!("({key_list}) <= ({})", params(first));
-        let fetch = [
-            format!("{select} {order} LIMIT $1"),
-            format!("{select} WHERE {lower} {order} LIMIT ${}", key_len + 1),
-            format!(
-                "{select} WHERE {} {order} LIMIT ${}",
-                upper_from(1),
-                key_len + 1
-            ),
-            format!(
-                "{select} WHERE {lower} AND {} {order} LIMIT ${}",
-                upper_from(key_len + 1),
-                2 * key_len + 1
-            ),
-        ];
+        let fetch_variant = |has_lower: bool, has_upper: bool, changed: bool| -> String {
+            let mut next = 1;
+            let mut conditions = Vec::new();
+            if has_lower {
+                conditions.push(format!("({key_list}) > ({})", params(next)));
+                next += key_len;
+            }
+            if has_upper {
+                conditions.push(format!("({key_list}) <= ({})", params(next)));
+                next += key_len;
+            }
+            let limit = next;
+            if changed {
+                // The row's version was written at or after the horizon, and
+                // not by one of this run's own transactions.
+                conditions.push(format!(
+                    "age(t.xmin) <= age(${}::text::xid) AND NOT (t.xmin = ANY(${}::text[]::xid[]))",
+                    limit + 1,
+                    limit + 2
+                ));
+            }
+            let filter = if conditions.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", conditions.join(" AND "))
+            };
+            format!("{select}{filter} {order} LIMIT ${limit}")
+        };
+        let fetch = std::array::from_fn(|i| fetch_variant(i & 1 != 0, i & 2 != 0, i & 4 != 0));
 
         // Arrays: one text[] per key column, then old values, then new values.
         let array_columns: Vec<String> = (1..=key_len).map(|i| format!("k{i}")).collect();
@@ -119,11 +136,13 @@ impl Statements {
              undecryptable = undecryptable + $12, ambiguous = ambiguous + $13, deleted = deleted + $14, \
              write_rejected = write_rejected + $15, conflicts = conflicts + $16, batches = batches + 1, \
              status = 'running', started_at = COALESCE(started_at, now()), updated_at = now() \
-             WHERE job = $1 AND target = $2 AND range_index = $3 AND {lease_check}"
+             WHERE job = $1 AND target = $2 AND range_index = $3 AND {lease_check} \
+             RETURNING txid_current()"
         );
         let sweep_checkpoint = format!(
             "UPDATE {q}.ranges SET sweep_reencrypted = sweep_reencrypted + $6, conflicts = conflicts + $7, \
-             updated_at = now() WHERE job = $1 AND target = $2 AND range_index = $3 AND {lease_check}"
+             updated_at = now() WHERE job = $1 AND target = $2 AND range_index = $3 AND {lease_check} \
+             RETURNING txid_current()"
         );
         let attention = format!(
             "INSERT INTO {q}.attention (job, target, key, outcome) \
@@ -160,9 +179,10 @@ impl Statements {
         }
     }
 
-    /// The fetch statement for the bounds present.
-    pub fn fetch(&self, has_lower: bool, has_upper: bool) -> &str {
-        &self.fetch[usize::from(has_lower) + 2 * usize::from(has_upper)]
+    /// The fetch statement for the bounds present, reading every row or only
+    /// rows changed since a horizon.
+    pub fn fetch(&self, has_lower: bool, has_upper: bool, changed: bool) -> &str {
+        &self.fetch[usize::from(has_lower) + 2 * usize::from(has_upper) + 4 * usize::from(changed)]
     }
 }
 

@@ -202,3 +202,20 @@ pub fn load_vectors() -> Vectors {
 /// A value under key A of the vectors file that also decrypts under key B
 /// (found by search: about one random single-block value in 2^23 does).
 pub const AMBIGUOUS_UNDER_A_AND_B: &str = "x+vMN2XjzNbHj2yYHTzyIQ==:80YZpAsQyn/e8oWEHN+C7g==";
+
+/// Runs a command with `--format json`; returns the exit code, the parsed
+/// summary (`Null` when there is none) and the whole output for messages.
+pub fn run_json(command: &mut Command) -> (i32, serde_json::Value, String) {
+    let output = command.arg("--format").arg("json").output().unwrap();
+    let text = output_text(&output);
+    let code = output.status.code().unwrap_or(-1);
+    let json = serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
+    (code, json, text)
+}
+
+/// A count from the summary's first target.
+pub fn first_target_count(summary: &serde_json::Value, name: &str) -> i64 {
+    summary["targets"][0]["counts"][name]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no count {name} in {summary}"))
+}
