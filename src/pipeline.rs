@@ -535,8 +535,22 @@ async fn write_with_retry(
     let started = Instant::now();
     let mut attempt = 0;
     let mut isolate = false;
+    // Set after a failure that may have come after the commit went through.
+    let mut maybe_committed = false;
     loop {
         attempt += 1;
+        if maybe_committed && pass == Pass::Main {
+            match already_committed(settings, statements, work, &batch).await {
+                Ok(true) => {
+                    tracing::info!(target = %work.target_label, range = work.range_index, "The batch had committed before its connection failed; it is not written again.");
+                    return Ok(WriteResult::Committed(tally(&batch), None));
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(target = %work.target_label, error = %db::describe(&error), "Could not read the range's checkpoint; writing the batch again.");
+                }
+            }
+        }
         match write(settings, statements, work, pass, &batch, isolate).await {
             Ok((counts, writer)) => return Ok(WriteResult::Committed(counts, writer)),
             Err(WriteError::LeaseLost) => return Err(RangeError::LeaseLost),
@@ -550,6 +564,8 @@ async fn write_with_retry(
                     metrics::record_error("database");
                     return Err(RangeError::Database(db::describe(&error)));
                 };
+                maybe_committed =
+                    kind == TransientKind::Connection || kind == TransientKind::ServerShutdown;
                 if kind == TransientKind::StatementTimeout && batch.batch.len() > 1 {
                     metrics::record_retry(kind.label());
                     let (head, tail) = batch.split();
@@ -571,6 +587,43 @@ async fn write_with_retry(
             }
         }
     }
+}
+
+/// Whether the range's checkpoint already stands at the batch's last key: the
+/// batch committed, and only the reply to its COMMIT was lost. Writing it
+/// again would find every row changed and count the batch twice.
+async fn already_committed(
+    settings: &PipelineSettings,
+    statements: &Statements,
+    work: &RangeWork,
+    classified: &ClassifiedBatch,
+) -> Result<bool, sqlx::Error> {
+    let batch = &classified.batch;
+    if batch.len() == 0 {
+        return Ok(false);
+    }
+    let mut tx = settings.db.begin_read_only().await?;
+    let position: Option<Vec<String>> = sqlx::query_scalar(&statements.position)
+        .bind(&settings.job)
+        .bind(&work.target_label)
+        .bind(work.range_index)
+        .fetch_optional(&mut *tx)
+        .await?
+        .flatten();
+    tx.commit().await?;
+    Ok(position == Some(batch.key_of(batch.len() - 1)))
+}
+
+/// The counts of a batch as classified, for a batch whose commit is known
+/// only from its checkpoint.
+fn tally(classified: &ClassifiedBatch) -> Counts {
+    let mut counts = Counts::default();
+    for decision in &classified.decisions {
+        counts.add_outcome(decision.outcome, 1);
+    }
+    counts.rows_scanned = classified.batch.len() as i64;
+    counts.batches = 1;
+    counts
 }
 
 #[derive(Debug)]

@@ -21,6 +21,8 @@ pub struct Statements {
     /// Adds a sweep's counts, if this runner still holds the lease; returns
     /// the transaction's ID.
     pub sweep_checkpoint: String,
+    /// A range's checkpointed position.
+    pub position: String,
     /// Records rows needing attention.
     pub attention: String,
     /// The largest key, which fixes the scan's upper bound.
@@ -144,6 +146,9 @@ impl Statements {
              updated_at = now() WHERE job = $1 AND target = $2 AND range_index = $3 AND {lease_check} \
              RETURNING txid_current()"
         );
+        let position = format!(
+            "SELECT last_key FROM {q}.ranges WHERE job = $1 AND target = $2 AND range_index = $3"
+        );
         let attention = format!(
             "INSERT INTO {q}.attention (job, target, key, outcome) \
              SELECT $1, $2, k, o FROM unnest($3::text[], $4::text[]) AS u(k, o) \
@@ -172,6 +177,7 @@ impl Statements {
             lock,
             checkpoint,
             sweep_checkpoint,
+            position,
             attention,
             max_key,
             count,
