@@ -14,7 +14,7 @@ pub const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9464";
 /// Starting rows per batch; adaptive sizing moves it between the bounds below.
 pub const DEFAULT_BATCH_ROWS: usize = 2000;
 pub const MIN_BATCH_ROWS: usize = 50;
-pub const MAX_BATCH_ROWS: usize = 20_000;
+pub const MAX_BATCH_ROWS: usize = 10_000;
 /// A batch stops growing once its values reach this many bytes.
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// Adaptive sizing aims the write phase of a batch at this duration.
@@ -205,8 +205,9 @@ pub struct RunArgs {
     #[arg(long, env = "REENCRYPT_SHARD_COUNT", default_value_t = 1)]
     pub shard_count: u32,
 
-    /// Final sweeps after the keyset pass: re-scan for values still under an
-    /// old key (written by stale application replicas) and rotate them. 0 turns sweeps off.
+    /// Final sweeps after the keyset pass: read the rows changed since the pass
+    /// read them, for values under an old key (written by stale application
+    /// replicas), and rotate them. 0 turns sweeps off.
     #[arg(long, env = "REENCRYPT_MAX_SWEEPS", default_value_t = DEFAULT_MAX_SWEEPS)]
     pub max_sweeps: u32,
 

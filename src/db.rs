@@ -19,6 +19,10 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
+/// The statement timeout, at the least, of a sweep's sequential scan for
+/// changed rows: one hour.
+pub const CHANGED_SCAN_TIMEOUT_MS: u64 = 3_600_000;
+
 /// Timeouts applied to every transaction with `SET LOCAL`.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -73,13 +77,20 @@ impl Database {
     /// horizon. Such a filter cannot use an index, and an index scan in key
     /// order would visit every row of the table in random order, so the plan
     /// is held to one sequential scan. Each statement is planned with its
-    /// parameters, which lets PostgreSQL 14 and later look the list of
-    /// transaction IDs up in a hash table.
+    /// parameters, which lets PostgreSQL 15 and later look the list of
+    /// transaction IDs up in a hash table. A scan of a whole large table can
+    /// outlast the statement timeout, so these statements get at least
+    /// `CHANGED_SCAN_TIMEOUT_MS`.
     pub async fn begin_changed_scan(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         let begin = self.begin_statement("BEGIN READ ONLY");
+        let timeout = self
+            .timeouts
+            .statement_timeout_ms
+            .max(CHANGED_SCAN_TIMEOUT_MS);
         self.pool
             .begin_with(format!(
-                "{begin}; SET LOCAL enable_indexscan = off; SET LOCAL enable_indexonlyscan = off; \
+                "{begin}; SET LOCAL statement_timeout = '{timeout}ms'; \
+                 SET LOCAL enable_indexscan = off; SET LOCAL enable_indexonlyscan = off; \
                  SET LOCAL enable_bitmapscan = off; SET LOCAL plan_cache_mode = force_custom_plan"
             ))
             .await

@@ -9,6 +9,7 @@
 //! - [`statements`]: the SQL of one target; [`db`]: pool, timeouts, retryable errors.
 //! - [`checkpoint`]: the worker's tables (jobs, ranges, attention, runs); [`lease`]: one runner per job.
 //! - [`pipeline`]: fetch, classify and write one key range; [`throttle`]: rate limits.
+//! - [`sweep`]: which key spans the final sweeps read whole or only for changed rows.
 //! - [`scan`]: read-only scans that classify every row (or a sample) and write nothing.
 //! - [`run`]: the `run` command; [`inspect`]: `plan`, `verify`, `status`, `reset`, `release`, `keys`.
 //! - [`metrics`], [`push`], [`progress`], [`telemetry`]: what an operator watches.
@@ -34,6 +35,7 @@ pub mod report;
 pub mod run;
 pub mod scan;
 pub mod statements;
+pub mod sweep;
 pub mod target;
 pub mod telemetry;
 pub mod throttle;

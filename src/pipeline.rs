@@ -90,6 +90,10 @@ pub enum RangeError {
     Database(String),
 }
 
+/// Full pages of changed rows after which a sweep stops filtering and reads
+/// the rest of its span in key order.
+const FULL_CHANGED_PAGES_BEFORE_KEYSET: usize = 8;
+
 /// The kind of pass over a range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
@@ -143,17 +147,6 @@ impl ChangedSince {
 pub struct RangeOutcome {
     pub counts: Counts,
     pub writers: Vec<u32>,
-}
-
-/// The `xmin` of a fresh snapshot, as a 32-bit transaction ID: every
-/// transaction that commits after this call has an ID at or after it.
-pub async fn horizon(db: &Database) -> Result<u32, sqlx::Error> {
-    let mut tx = db.begin_read_only().await?;
-    let xmin: i64 = sqlx::query_scalar("SELECT txid_snapshot_xmin(txid_current_snapshot())")
-        .fetch_one(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(xid32(xmin))
 }
 
 /// The 32-bit transaction ID of an epoch-qualified one from `txid_current()`.
@@ -251,6 +244,8 @@ pub async fn run_range(
         let batch_rows = batch_rows.clone();
         tokio::spawn(async move {
             let mut after = work.after.clone();
+            let mut work = work;
+            let mut full_changed_pages = 0;
             loop {
                 if settings.stop.load(Ordering::SeqCst)
                     || settings.lease_lost.load(Ordering::SeqCst)
@@ -277,6 +272,16 @@ pub async fn run_range(
                     return;
                 }
                 after = Some(batch.key_of(batch.len() - 1));
+                // Each page of changed rows costs a sequential scan of the
+                // table. When many rows changed, reading the rest in key order
+                // costs less.
+                if work.changed_since.is_some() && batch.len() >= limit {
+                    full_changed_pages += 1;
+                    if full_changed_pages >= FULL_CHANGED_PAGES_BEFORE_KEYSET {
+                        tracing::info!(target = %work.target_label, "Many rows changed since the pass; the sweep reads the rest of the span whole, in key order.");
+                        work.changed_since = None;
+                    }
+                }
 
                 let keyring = settings.keyring.clone();
                 let started = Instant::now();

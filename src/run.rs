@@ -20,6 +20,7 @@ use crate::pipeline::{self, BatchSizing, Pass, PipelineSettings, RangeWork, Retr
 use crate::progress::Progress;
 use crate::report::{RunSummary, TargetSummary};
 use crate::statements::Statements;
+use crate::sweep::{self, PassRecord, RangePassed, TableState};
 use crate::target::{Target, TargetSpec, UniqueKeySpec};
 use crate::throttle::{Throttle, ThrottleSettings};
 
@@ -599,14 +600,14 @@ async fn rotate_all(
         settings
             .progress
             .add_target(&label, estimated.max(0) as u64, resumed.max(0) as u64);
-        prepared.push((label, statements, mine, ranges.len()));
+        prepared.push((label, statements, mine, ranges.len(), target.quoted_table()));
     }
 
     // The keyset pass, range by range, `writers` ranges at a time. Each
     // target's horizon is taken before its pass reads anything, for the sweep.
     let mut passes: Vec<PassRecord> = Vec::with_capacity(prepared.len());
-    for (label, statements, mine, _) in &prepared {
-        let horizon = pipeline::horizon(&settings.db)
+    for (label, statements, mine, _, table) in &prepared {
+        let before = TableState::read(&settings.db, table)
             .await
             .map_err(|e| Failure::from_database("cannot start the keyset pass", &e))?;
         let pending: Vec<&RangeRecord> = mine.iter().filter(|r| r.status != "done").collect();
@@ -639,17 +640,10 @@ async fn rotate_all(
             .await;
         // Report an interruption over other failures only when nothing else failed.
         let mut interrupted = false;
-        let mut record = PassRecord {
-            horizon,
-            writers: Vec::new(),
-            started_from: Vec::new(),
-        };
+        let mut record = PassRecord::new(before);
         for result in results {
             match result {
-                Ok(passed) => {
-                    record.started_from.push((passed.range_index, passed.start));
-                    record.writers.extend(passed.writers);
-                }
+                Ok(passed) => record.add(passed),
                 Err(Failure::Interrupted) => interrupted = true,
                 Err(other) => return Err(other),
             }
@@ -665,11 +659,20 @@ async fn rotate_all(
     let mut last_found = 0;
     for round in 0..args.max_sweeps {
         let mut found = 0;
-        for ((label, statements, mine, total_ranges), record) in prepared.iter().zip(&mut passes) {
-            let horizon = pipeline::horizon(&settings.db)
+        for ((label, statements, mine, total_ranges, table), record) in
+            prepared.iter().zip(&mut passes)
+        {
+            let now = TableState::read(&settings.db, table)
                 .await
                 .map_err(|e| Failure::from_database("cannot start the sweep", &e))?;
-            let parts = sweep_parts(label, mine, *total_ranges, record, round == 0);
+            let filter = match now.allows_filter_since(&record.before, record.writers.len()) {
+                Ok(()) => true,
+                Err(reason) => {
+                    tracing::info!(target = %label, %reason, "The sweep reads every row of the target.");
+                    false
+                }
+            };
+            let parts = sweep::parts(label, mine, *total_ranges, record, round == 0, filter);
             let results: Vec<Result<pipeline::RangeOutcome, Failure>> =
                 futures::stream::iter(parts)
                     .map(|work| {
@@ -685,14 +688,13 @@ async fn rotate_all(
                     .collect()
                     .await;
             // The next round reads only what changed since this one started.
-            record.horizon = horizon;
+            let mut round_writers = Vec::new();
             for result in results {
                 let outcome = result?;
                 found += outcome.counts.sweep_reencrypted;
-                record.writers.extend(outcome.writers);
+                round_writers.extend(outcome.writers);
             }
-            record.writers.sort_unstable();
-            record.writers.dedup();
+            record.advance(now, round_writers);
         }
         sweeps = round + 1;
         last_found = found;
@@ -702,99 +704,6 @@ async fn rotate_all(
         }
     }
     Ok((sweeps, last_found))
-}
-
-/// One range's pass in this process: where it started and who wrote.
-struct RangePassed {
-    range_index: i32,
-    start: Option<Vec<String>>,
-    writers: Vec<u32>,
-}
-
-/// What a pass of this process covered in one target, for its sweeps.
-struct PassRecord {
-    /// Taken before the pass (or the previous sweep) read anything.
-    horizon: u32,
-    /// This process's transactions that wrote rows of the target.
-    writers: Vec<u32>,
-    /// The ranges this process passed over, and the key each pass started
-    /// after: rows from there to the range's end were read at or after the horizon.
-    started_from: Vec<(i32, Option<Vec<String>>)>,
-}
-
-/// The parts of this shard's key space a sweep reads.
-///
-/// Key spans this process has read since the horizon are read only for
-/// changed rows, in one part over the whole shard. Every other span is read
-/// whole on the first round: a range passed by an earlier process (its sweep
-/// never ran), the part of a resumed range before the resume point, and, in
-/// the last range, keys past the bound fixed when the job started (rows
-/// inserted since then, maybe before the horizon).
-fn sweep_parts(
-    label: &str,
-    mine: &[RangeRecord],
-    total_ranges: usize,
-    record: &PassRecord,
-    first_round: bool,
-) -> Vec<RangeWork> {
-    let is_last = |range: &RangeRecord| range.range_index as usize == total_ranges - 1;
-    // A range other than the last one with no upper bound belongs to a table
-    // that was empty when the job started; the last range covers its keys.
-    let reaches = |range: &RangeRecord| is_last(range) || range.upper_key.is_some();
-    let work =
-        |range: &RangeRecord, after: Option<Vec<String>>, upper: Option<Vec<String>>| RangeWork {
-            target_label: label.to_string(),
-            range_index: range.range_index,
-            after,
-            upper,
-            changed_since: None,
-        };
-
-    let mut parts = Vec::new();
-    if first_round {
-        for range in mine.iter().filter(|r| reaches(r)) {
-            let start = record
-                .started_from
-                .iter()
-                .find(|(index, _)| *index == range.range_index)
-                .map(|(_, start)| start.clone());
-            let end = if is_last(range) {
-                None
-            } else {
-                range.upper_key.clone()
-            };
-            match start {
-                None => parts.push(work(range, range.lower_key.clone(), end)),
-                Some(start) => {
-                    if start != range.lower_key {
-                        parts.push(work(range, range.lower_key.clone(), start));
-                    }
-                    if is_last(range) && range.upper_key.is_some() {
-                        parts.push(work(range, range.upper_key.clone(), None));
-                    }
-                }
-            }
-        }
-    }
-    if let (Some(first), Some(last)) = (mine.first(), mine.last()) {
-        if reaches(last) {
-            let mut changed = work(
-                first,
-                first.lower_key.clone(),
-                if is_last(last) {
-                    None
-                } else {
-                    last.upper_key.clone()
-                },
-            );
-            changed.changed_since = Some(Arc::new(pipeline::ChangedSince {
-                horizon: record.horizon,
-                writers: record.writers.clone(),
-            }));
-            parts.push(changed);
-        }
-    }
-    parts
 }
 
 /// Marks the job's state, releases the lease, and reads the summary.

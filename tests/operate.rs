@@ -1157,23 +1157,37 @@ async fn write_behind_the_run(
 
 #[tokio::test]
 async fn final_sweep_rotates_concurrent_writes() {
+    let stderr = sweep_after_concurrent_writes("100").await;
+    assert!(
+        !stderr.contains("Many rows changed since the pass"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn final_sweep_reads_in_key_order_when_many_rows_changed() {
+    // Pages of 5 rows fill up after a few dozen rows written behind the run.
+    let stderr = sweep_after_concurrent_writes("5").await;
+    assert!(
+        stderr.contains("Many rows changed since the pass"),
+        "{stderr}"
+    );
+}
+
+/// Runs a job while another session writes old-key values behind it, checks
+/// that the sweep rotates every one of them, and returns the run's log.
+async fn sweep_after_concurrent_writes(batch_size: &str) -> String {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
     let rows = 3000;
     fill(&db, rows, &old.key).await;
+    let rate = if batch_size == "5" { "300" } else { "1000" };
 
     let mut child = run_command(&db, &[TARGET], &[&old.path], &new.path)
-        .args([
-            "--job",
-            "swept",
-            "--batch-size",
-            "100",
-            "--max-rows-per-second",
-            "1000",
-            "--progress",
-            "off",
-        ])
+        .args(["--job", "swept", "--batch-size", batch_size])
+        .args(["--max-rows-per-second", rate, "--progress", "off"])
+        .env("RUST_LOG", "reencrypt=info")
         .args(["--format", "json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1230,4 +1244,5 @@ async fn final_sweep_rotates_concurrent_writes() {
             "row {id} holds its latest plaintext"
         );
     }
+    String::from_utf8_lossy(&output.stderr).into_owned()
 }

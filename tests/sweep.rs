@@ -204,3 +204,82 @@ async fn sweep_reads_whole_ranges_passed_by_an_earlier_run() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn sweep_reads_every_row_of_a_table_with_triggers() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 3000;
+    fill(&db, rows, &old.key).await;
+    // A trigger may write other rows inside the batch's transaction, which
+    // would then carry a batch's ID without holding what the batch wrote.
+    db.exec(
+        "CREATE FUNCTION keep() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END'; \
+         CREATE TRIGGER keep BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION keep()",
+    )
+    .await;
+
+    let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .args(["--batch-size", "100", "--format", "json"])
+        .args(["--log-format", "json", "--progress", "off"])
+        .env("RUST_LOG", "reencrypt=debug")
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("triggers or rules"), "{text}");
+    assert_eq!(sweep_batches(&output.stderr), 30, "{text}");
+    assert_reads(&db, &new.key, rows, plaintext).await;
+}
+
+#[tokio::test]
+async fn sweep_reads_every_row_after_a_table_joins_the_target() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 3000;
+    fill(&db, rows, &old.key).await;
+    // A table filled before the run, with a key the pass will have passed
+    // when the table joins the target as a child.
+    db.exec("CREATE TABLE late (id bigint NOT NULL, secret text NOT NULL)")
+        .await;
+    sqlx::query("INSERT INTO late VALUES (0, $1)")
+        .bind(encrypt_string(&old.key, "the plaintext of the late row"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let mut command = run_command(&db, &["t.secret"], &[&old.path], &new.path);
+    command.args(["--batch-size", "100", "--max-rows-per-second", "1500"]);
+    command.args(["--progress", "off", "--format", "json"]);
+    command.env("RUST_LOG", "reencrypt=info");
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    db.exec("ALTER TABLE late INHERIT t").await;
+    let output = child.wait_with_output().unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("attached to or detached"), "{text}");
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        first_target_count(&summary, "sweep_reencrypted"),
+        1,
+        "{text}"
+    );
+
+    let late: String = sqlx::query_scalar("SELECT secret FROM ONLY late WHERE id = 0")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        decrypt_to_string(&new.key, &late)
+            .as_deref()
+            .map(String::as_str),
+        Some("the plaintext of the late row")
+    );
+}

@@ -1,0 +1,248 @@
+//! The plan of the final sweeps: which key spans a sweep reads whole, and
+//! which only for rows changed since the pass read them.
+//!
+//! A row's `xmin` names the transaction that wrote its current version. A
+//! row whose version is older than a horizon taken before the pass is the
+//! version the pass read and decided; a row written by one of the pass's own
+//! batch transactions holds what the pass wrote. Every other row may have
+//! changed behind the pass, and the sweep reads it again. This holds only
+//! while the table and the server stay as they were, so the sweep reads
+//! every row when [`TableState::allows_filter_since`] says otherwise.
+
+use std::sync::Arc;
+
+use crate::checkpoint::RangeRecord;
+use crate::db::Database;
+use crate::pipeline::{ChangedSince, RangeWork};
+
+/// Transactions from the horizon to the newest one must stay within this
+/// distance, well inside the 2^31 over which `age()` compares 32-bit IDs.
+const MAX_XID_DISTANCE: i64 = 1 << 30;
+
+/// Before PostgreSQL 15 the list of writers is searched row by row; past
+/// this length the sweep reads every row instead.
+const MAX_WRITERS_UNHASHED: usize = 1000;
+
+/// What must stay the same between the pass and a sweep, read in one query.
+#[derive(Debug, Clone)]
+pub struct TableState {
+    /// The oldest transaction that may not be visible yet (snapshot `xmin`), 64-bit.
+    pub horizon: i64,
+    /// The next transaction to start (snapshot `xmax`), 64-bit.
+    frontier: i64,
+    /// `pg_postmaster_start_time()`: a restart or a failover can undo
+    /// commits the pass saw acknowledged, and reuse their IDs.
+    server_started: String,
+    server_version: i32,
+    /// The target and every table below it (inheritance or partitions), by OID.
+    relations: String,
+    /// Why rows' `xmin` cannot be trusted for this table, if it cannot.
+    unsuitable: Option<String>,
+}
+
+impl TableState {
+    /// Reads the state of the target's table now.
+    pub async fn read(db: &Database, quoted_table: &str) -> Result<TableState, sqlx::Error> {
+        let mut tx = db.begin_read_only().await?;
+        let row: (i64, i64, String, i32, String, bool, bool) = sqlx::query_as(STATE_QUERY)
+            .bind(quoted_table)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let (horizon, frontier, server_started, server_version, relations, storage, effects) = row;
+        let unsuitable = if storage {
+            Some("a table below the target is foreign or not stored in heap format".into())
+        } else if effects {
+            Some("the table has triggers or rules, which may change other rows in the same transaction".into())
+        } else {
+            None
+        };
+        Ok(TableState {
+            horizon,
+            frontier,
+            server_started,
+            server_version,
+            relations,
+            unsuitable,
+        })
+    }
+
+    /// The horizon as the 32-bit ID that rows' `xmin` holds.
+    pub fn horizon_xid(&self) -> u32 {
+        (self.horizon as u64 & u64::from(u32::MAX)) as u32
+    }
+
+    /// Whether a sweep now may read only rows changed since `since` (the
+    /// state before the pass) with the given writers; otherwise the reason.
+    pub fn allows_filter_since(&self, since: &TableState, writers: usize) -> Result<(), String> {
+        if let Some(reason) = since.unsuitable.as_ref().or(self.unsuitable.as_ref()) {
+            return Err(reason.clone());
+        }
+        if self.server_started != since.server_started {
+            return Err("the server restarted or changed since the pass began".into());
+        }
+        if self.relations != since.relations {
+            return Err(
+                "tables were attached to or detached from the target since the pass began".into(),
+            );
+        }
+        if self.frontier - since.horizon >= MAX_XID_DISTANCE {
+            return Err(
+                "too many transactions ran since the pass began to compare their IDs".into(),
+            );
+        }
+        if self.server_version < 150_000 && writers > MAX_WRITERS_UNHASHED {
+            return Err(format!(
+                "before PostgreSQL 15, more than {MAX_WRITERS_UNHASHED} batch transactions are too many to look up row by row"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The horizon and frontier of a fresh snapshot, the server's start time and
+/// version, the OIDs of the target and the tables below it, and whether any
+/// of them is stored outside heap tables or has triggers or rules that could
+/// write other rows in a batch's transaction (foreign-key checks cannot; the
+/// cascading actions of a key that references the target can).
+const STATE_QUERY: &str = "\
+WITH RECURSIVE tree AS ( \
+  SELECT $1::text::regclass::oid AS oid \
+  UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid \
+) \
+SELECT txid_snapshot_xmin(txid_current_snapshot()), \
+       txid_snapshot_xmax(txid_current_snapshot()), \
+       pg_postmaster_start_time()::text, \
+       current_setting('server_version_num')::int, \
+       (SELECT string_agg(oid::text, ',' ORDER BY oid) FROM tree), \
+       EXISTS (SELECT 1 FROM tree JOIN pg_class c ON c.oid = tree.oid \
+               WHERE c.relkind NOT IN ('r', 'p') \
+                  OR (c.relkind = 'r' AND c.relam <> (SELECT oid FROM pg_am WHERE amname = 'heap'))), \
+       EXISTS (SELECT 1 FROM pg_trigger g JOIN tree ON g.tgrelid = tree.oid \
+               WHERE NOT g.tgisinternal \
+                  OR g.tgfoid IN ('\"RI_FKey_cascade_upd\"'::regproc, '\"RI_FKey_setnull_upd\"'::regproc, \
+                                  '\"RI_FKey_setdefault_upd\"'::regproc)) \
+         OR EXISTS (SELECT 1 FROM pg_rewrite r JOIN tree ON r.ev_class = tree.oid)";
+
+/// One range's pass in this process: where it started and which
+/// transactions wrote its batches.
+pub struct RangePassed {
+    pub range_index: i32,
+    pub start: Option<Vec<String>>,
+    pub writers: Vec<u32>,
+}
+
+/// What the pass of this process covered in one target, for its sweeps.
+pub struct PassRecord {
+    /// The table before the pass read anything.
+    pub before: TableState,
+    /// Taken before the pass, then before each sweep round.
+    pub horizon: TableState,
+    /// This process's transactions that wrote rows of the target.
+    pub writers: Vec<u32>,
+    /// The ranges this process passed over, and the key each pass started
+    /// after: rows from there to the range's end were read after the horizon.
+    pub started_from: Vec<(i32, Option<Vec<String>>)>,
+}
+
+impl PassRecord {
+    pub fn new(before: TableState) -> PassRecord {
+        PassRecord {
+            horizon: before.clone(),
+            before,
+            writers: Vec::new(),
+            started_from: Vec::new(),
+        }
+    }
+
+    pub fn add(&mut self, passed: RangePassed) {
+        self.started_from.push((passed.range_index, passed.start));
+        self.writers.extend(passed.writers);
+    }
+
+    /// Moves the horizon to `now`, taken before a sweep round, and adds the
+    /// round's writers.
+    pub fn advance(&mut self, now: TableState, writers: impl IntoIterator<Item = u32>) {
+        self.horizon = now;
+        self.writers.extend(writers);
+        self.writers.sort_unstable();
+        self.writers.dedup();
+    }
+}
+
+/// The parts of this shard's key space a sweep round reads.
+///
+/// When `filter` holds, key spans this process has read since the horizon
+/// are read only for changed rows, in one part over the whole shard, and on
+/// the first round every other span is read whole: a range passed by an
+/// earlier process (its sweep never ran), the part of a resumed range before
+/// the resume point, and, in the last range, keys past the bound fixed when
+/// the job started (rows inserted since then, maybe before the horizon).
+/// Without `filter`, every range is read whole.
+pub fn parts(
+    label: &str,
+    mine: &[RangeRecord],
+    total_ranges: usize,
+    record: &PassRecord,
+    first_round: bool,
+    filter: bool,
+) -> Vec<RangeWork> {
+    let is_last = |range: &RangeRecord| range.range_index as usize == total_ranges - 1;
+    // A range other than the last one with no upper bound belongs to a table
+    // that was empty when the job started; the last range covers its keys.
+    let reaches = |range: &RangeRecord| is_last(range) || range.upper_key.is_some();
+    let end = |range: &RangeRecord| {
+        if is_last(range) {
+            None
+        } else {
+            range.upper_key.clone()
+        }
+    };
+    let work =
+        |range: &RangeRecord, after: Option<Vec<String>>, upper: Option<Vec<String>>| RangeWork {
+            target_label: label.to_string(),
+            range_index: range.range_index,
+            after,
+            upper,
+            changed_since: None,
+        };
+
+    let mut parts = Vec::new();
+    if !filter {
+        for range in mine.iter().filter(|r| reaches(r)) {
+            parts.push(work(range, range.lower_key.clone(), end(range)));
+        }
+        return parts;
+    }
+    if first_round {
+        for range in mine.iter().filter(|r| reaches(r)) {
+            let start = record
+                .started_from
+                .iter()
+                .find(|(index, _)| *index == range.range_index)
+                .map(|(_, start)| start.clone());
+            match start {
+                None => parts.push(work(range, range.lower_key.clone(), end(range))),
+                Some(start) => {
+                    if start != range.lower_key {
+                        parts.push(work(range, range.lower_key.clone(), start));
+                    }
+                    if is_last(range) && range.upper_key.is_some() {
+                        parts.push(work(range, range.upper_key.clone(), None));
+                    }
+                }
+            }
+        }
+    }
+    if let (Some(first), Some(last)) = (mine.first(), mine.last()) {
+        if reaches(last) {
+            let mut changed = work(first, first.lower_key.clone(), end(last));
+            changed.changed_since = Some(Arc::new(ChangedSince {
+                horizon: record.horizon.horizon_xid(),
+                writers: record.writers.clone(),
+            }));
+            parts.push(changed);
+        }
+    }
+    parts
+}
