@@ -23,6 +23,9 @@ use sqlx::{Postgres, Transaction};
 /// changed rows: one hour.
 pub const CHANGED_SCAN_TIMEOUT_MS: u64 = 3_600_000;
 
+/// How long the first connection may take before the server counts as unreachable.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Timeouts applied to every transaction with `SET LOCAL`.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
@@ -61,9 +64,31 @@ impl Database {
         Ok(Database { pool, timeouts })
     }
 
+    /// Opens and closes one connection, so that an unreachable server, a
+    /// rejected login or a missing database is reported as such at the
+    /// start, instead of as a pool timeout at the first statement.
+    pub async fn probe(&self) -> Result<(), sqlx::Error> {
+        let options = self.pool.connect_options();
+        let connect = sqlx::ConnectOptions::connect(options.as_ref());
+        match tokio::time::timeout(PROBE_TIMEOUT, connect).await {
+            Ok(connection) => sqlx::Connection::close(connection?).await,
+            Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {} seconds", PROBE_TIMEOUT.as_secs()),
+            ))),
+        }
+    }
+
     /// Begins a transaction with this job's timeouts, in one round trip.
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-        self.pool.begin_with(self.begin_statement("BEGIN")).await
+        // A commit is acknowledged only once it is on disk, even where the
+        // server's default is `synchronous_commit = off`. A batch whose
+        // acknowledged commit vanished in a crash would be lost to the sweep,
+        // which trusts that rows written by the pass's transactions stay so.
+        let begin = self.begin_statement("BEGIN");
+        self.pool
+            .begin_with(format!("{begin}; SET LOCAL synchronous_commit = on"))
+            .await
     }
 
     /// Begins a read-only transaction with this job's timeouts.

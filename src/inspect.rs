@@ -81,7 +81,7 @@ async fn prepare(inputs: ScanInputs<'_>, keys_per_outcome: usize) -> Result<Prep
     let (timeouts, sizing, retry) = crate::run::tuning(inputs.tuning)?;
     let keys = crate::keys::resolve(inputs.keys).await?;
     let crypto_pool = crate::run::crypto_pool(inputs.tuning.threads)?;
-    let db = connect(inputs.database, SCAN_CONNECTIONS, timeouts)?;
+    let db = connect(inputs.database, SCAN_CONNECTIONS, timeouts).await?;
     let targets = crate::run::resolve_targets(&db, &specs, &unique_keys).await?;
     let keyring = Keyring::new(
         keys.new.key.clone(),
@@ -102,17 +102,22 @@ async fn prepare(inputs: ScanInputs<'_>, keys_per_outcome: usize) -> Result<Prep
     })
 }
 
-fn connect(
+async fn connect(
     database: &DatabaseArgs,
     connections: u32,
     timeouts: Timeouts,
 ) -> Result<Database, Failure> {
-    Database::connect_lazy(&database.database_url, connections, timeouts).map_err(|e| {
-        Failure::Config(format!(
-            "invalid --database-url: {}",
-            crate::db::describe(&e)
-        ))
-    })
+    let db =
+        Database::connect_lazy(&database.database_url, connections, timeouts).map_err(|e| {
+            Failure::Config(format!(
+                "invalid --database-url: {}",
+                crate::db::describe(&e)
+            ))
+        })?;
+    db.probe()
+        .await
+        .map_err(|e| Failure::from_database("cannot connect to the database", &e))?;
+    Ok(db)
 }
 
 /// Returns the default timeouts, for the commands that take no tuning options.
@@ -404,7 +409,7 @@ fn write_report(path: &std::path::Path, evidence: &Evidence) -> Result<(), Failu
 
 /// Shows jobs, their targets and leases from the checkpoint tables.
 pub async fn status(args: &StatusArgs) -> Result<i32, Failure> {
-    let db = connect(&args.database, 1, default_timeouts())?;
+    let db = connect(&args.database, 1, default_timeouts()).await?;
     let schema = &args.database.schema;
     let context = "cannot read the checkpoint tables";
     let fail = |e: sqlx::Error| Failure::from_database(context, &e);
@@ -684,7 +689,7 @@ fn confirm(question: &str) -> Result<bool, Failure> {
 
 /// Deletes a job and everything its runs checkpointed, after confirmation.
 pub async fn reset(args: &ResetArgs) -> Result<i32, Failure> {
-    let db = connect(&args.database, 1, default_timeouts())?;
+    let db = connect(&args.database, 1, default_timeouts()).await?;
     let schema = &args.database.schema;
     let (job, progress, leases) = find_job(&db, schema, &args.job).await?;
     print!("{}", render_job(&job, &progress, &leases, &[]));
@@ -754,7 +759,7 @@ pub async fn reset(args: &ResetArgs) -> Result<i32, Failure> {
 
 /// Deletes a job's lease(s); refuses a lease that has not expired unless --force.
 pub async fn release(args: &ReleaseArgs) -> Result<i32, Failure> {
-    let db = connect(&args.database, 1, default_timeouts())?;
+    let db = connect(&args.database, 1, default_timeouts()).await?;
     let schema = &args.database.schema;
     let (job, _, _) = find_job(&db, schema, &args.job).await?;
     let shard_text = args.shard.map_or(String::new(), |s| format!(" shard {s}"));
@@ -861,7 +866,7 @@ pub async fn keys(args: &KeysArgs) -> Result<i32, Failure> {
 /// the `before` counts miss its work. `before_source` names the case that applies.
 pub async fn record_run(args: &RunArgs, summary: &RunSummary, code: i32) -> Result<(), Failure> {
     let (timeouts, _, _) = crate::run::tuning(&args.tuning)?;
-    let db = connect(&args.database, 1, timeouts)?;
+    let db = connect(&args.database, 1, timeouts).await?;
     let schema = &args.database.schema;
     let fail =
         |e: sqlx::Error| Failure::from_database("cannot record the run in the runs table", &e);

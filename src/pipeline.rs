@@ -116,16 +116,17 @@ pub struct RangeWork {
     pub changed_since: Option<Arc<ChangedSince>>,
 }
 
-/// Which rows a sweep must read again after a pass of this process: those
-/// whose current version was written by a transaction that may not have been
-/// visible when the pass started, except by the transactions that wrote the
-/// pass's own batches.
+/// The filter of a sweep after a pass of this process. The sweep reads the
+/// rows whose current version was written by a transaction that may not have
+/// been visible when the pass started. It skips rows written by the
+/// transactions of the pass's own batches.
 ///
 /// A row whose version is older than the horizon is the version the pass
-/// read, so the pass already decided it; a row written by one of `writers`
-/// holds the value the pass wrote. Any other change since (an update, an
+/// read, so the pass already decided it. A row written by one of `writers`
+/// still has the value the pass wrote. Any other change since (an update, an
 /// insert, a key change) gives the row a newer version, which the filter
-/// keeps. Only key ranges the pass of this process covered may be filtered.
+/// keeps. Only key ranges the pass of this process covered may be filtered;
+/// see the `sweep` module.
 #[derive(Debug, Clone)]
 pub struct ChangedSince {
     /// The oldest transaction that may have been running when the pass started
@@ -141,15 +142,16 @@ impl ChangedSince {
     }
 }
 
-/// What a pass over one range did: its counts, and the transactions that
-/// wrote its batches (for the filter of a later sweep).
+/// The result of a pass over one range: its counts, and the transactions
+/// that wrote its batches (for the filter of a later sweep).
 #[derive(Debug, Default)]
 pub struct RangeOutcome {
     pub counts: Counts,
     pub writers: Vec<u32>,
 }
 
-/// The 32-bit transaction ID of an epoch-qualified one from `txid_current()`.
+/// Converts an epoch-qualified transaction ID from `txid_current()` to the
+/// 32-bit ID that rows' `xmin` holds.
 fn xid32(full: i64) -> u32 {
     (full as u64 & u64::from(u32::MAX)) as u32
 }
@@ -159,6 +161,8 @@ struct Batch {
     /// `keys[c][r]`: key column `c` of row `r`, as text.
     keys: Vec<Vec<String>>,
     values: Vec<Option<String>>,
+    /// Each row's `ctid` when it was read, as text.
+    positions: Vec<String>,
     fetch_seconds: f64,
 }
 
@@ -176,9 +180,11 @@ impl Batch {
         let half = self.len() / 2;
         let tail_keys = self.keys.iter_mut().map(|c| c.split_off(half)).collect();
         let tail_values = self.values.split_off(half);
+        let tail_positions = self.positions.split_off(half);
         let tail = Batch {
             keys: tail_keys,
             values: tail_values,
+            positions: tail_positions,
             fetch_seconds: 0.0,
         };
         (self, tail)
@@ -258,16 +264,35 @@ pub async fn run_range(
                     return;
                 };
                 let limit = batch_rows.load(Ordering::Relaxed);
-                let batch =
-                    match fetch_with_retry(&settings, &statements, &work, after.as_deref(), limit)
-                        .await
-                    {
-                        Ok(batch) => batch,
-                        Err(error) => {
-                            permit.send(Err(error));
-                            return;
+                let mut fetched = None;
+                if work.changed_since.is_some() {
+                    match fetch(&settings, &statements, &work, after.as_deref(), limit).await {
+                        Ok(batch) => fetched = Some(Ok(batch)),
+                        Err(error)
+                            if db::transient_kind(&error)
+                                == Some(TransientKind::StatementTimeout) =>
+                        {
+                            tracing::info!(target = %work.target_label, "The scan for changed rows timed out; the sweep reads the rest of the span whole, in key order.");
+                            work.changed_since = None;
                         }
-                    };
+                        // Other errors take the retries below.
+                        Err(_) => {}
+                    }
+                }
+                let fetched = match fetched {
+                    Some(batch) => batch,
+                    None => {
+                        fetch_with_retry(&settings, &statements, &work, after.as_deref(), limit)
+                            .await
+                    }
+                };
+                let batch = match fetched {
+                    Ok(batch) => batch,
+                    Err(error) => {
+                        permit.send(Err(error));
+                        return;
+                    }
+                };
                 if batch.len() == 0 {
                     return;
                 }
@@ -275,7 +300,9 @@ pub async fn run_range(
                 // Each page of changed rows costs a sequential scan of the
                 // table. When many rows changed, reading the rest in key order
                 // costs less.
-                if work.changed_since.is_some() && batch.len() >= limit {
+                let bytes: usize = batch.values.iter().flatten().map(String::len).sum();
+                let full = batch.len() >= limit || bytes >= settings.batch.max_bytes;
+                if work.changed_since.is_some() && full {
                     full_changed_pages += 1;
                     if full_changed_pages >= FULL_CHANGED_PAGES_BEFORE_KEYSET {
                         tracing::info!(target = %work.target_label, "Many rows changed since the pass; the sweep reads the rest of the span whole, in key order.");
@@ -493,6 +520,7 @@ async fn fetch(
     let mut batch = Batch {
         keys: vec![Vec::with_capacity(limit); key_len],
         values: Vec::with_capacity(limit),
+        positions: Vec::with_capacity(limit),
         fetch_seconds: 0.0,
     };
     let mut bytes = 0usize;
@@ -503,6 +531,7 @@ async fn fetch(
                 keys.push(row.try_get::<String, _>(column)?);
             }
             let value: Option<String> = row.try_get(key_len)?;
+            batch.positions.push(row.try_get(key_len + 1)?);
             bytes += value.as_ref().map_or(0, String::len);
             batch.values.push(value);
             if bytes >= settings.batch.max_bytes {
@@ -594,8 +623,8 @@ async fn write_with_retry(
     }
 }
 
-/// Whether the range's checkpoint already stands at the batch's last key: the
-/// batch committed, and only the reply to its COMMIT was lost. Writing it
+/// Tells whether the range's checkpoint is already at the batch's last key,
+/// which means the batch committed and only the reply to its COMMIT was lost. Writing it
 /// again would find every row changed and count the batch twice.
 async fn already_committed(
     settings: &PipelineSettings,
@@ -619,8 +648,8 @@ async fn already_committed(
     Ok(position == Some(batch.key_of(batch.len() - 1)))
 }
 
-/// The counts of a batch as classified, for a batch whose commit is known
-/// only from its checkpoint.
+/// Counts a batch as classified, for a batch whose commit is known only from
+/// its checkpoint.
 fn tally(classified: &ClassifiedBatch) -> Counts {
     let mut counts = Counts::default();
     for decision in &classified.decisions {
@@ -860,7 +889,12 @@ async fn update<'a>(
         .map(|&r| batch.values[r].as_deref().unwrap_or_default())
         .collect();
     let new: Vec<&str> = rows.iter().map(|&r| new_value(r)).collect();
-    let ordinals = query.bind(old).bind(new).fetch_all(conn).await?;
+    query = query.bind(old).bind(new);
+    if statements.by_position {
+        let positions: Vec<&str> = rows.iter().map(|&r| batch.positions[r].as_str()).collect();
+        query = query.bind(positions);
+    }
+    let ordinals = query.fetch_all(conn).await?;
     Ok(ordinals
         .into_iter()
         .map(|ord| rows[(ord - 1) as usize])
@@ -888,9 +922,11 @@ async fn resolve_conflicts(
         outcomes[row] = Outcome::Deleted;
     }
     let mut current: Vec<(usize, Option<String>)> = Vec::with_capacity(locked.len());
+    let mut positions: Vec<String> = Vec::with_capacity(locked.len());
     for row in &locked {
         let ord: i64 = row.try_get(0)?;
         current.push((conflicted[(ord - 1) as usize], row.try_get(1)?));
+        positions.push(row.try_get(2)?);
     }
 
     let keyring = settings.keyring.clone();
@@ -915,6 +951,7 @@ async fn resolve_conflicts(
             .map(|column| current.iter().map(|(r, _)| column[*r].clone()).collect())
             .collect(),
         values: current.iter().map(|(_, v)| v.clone()).collect(),
+        positions,
         fetch_seconds: 0.0,
     };
     let mut reread_outcomes: Vec<Outcome> = decisions.iter().map(|d| d.outcome).collect();

@@ -367,6 +367,9 @@ pub async fn run(args: &RunArgs, stop: Arc<AtomicBool>) -> Result<RunSummary, Fa
             crate::db::describe(&e)
         ))
     })?;
+    db.probe()
+        .await
+        .map_err(|e| Failure::from_database("cannot connect to the database", &e))?;
     let targets = resolve_targets(&db, &specs, &unique_keys).await?;
     checkpoint::migrate(&db, &args.database.schema)
         .await
@@ -665,7 +668,7 @@ async fn rotate_all(
             let now = TableState::read(&settings.db, table)
                 .await
                 .map_err(|e| Failure::from_database("cannot start the sweep", &e))?;
-            let filter = match now.allows_filter_since(&record.before, record.writers.len()) {
+            let filter = match record.may_filter(&now) {
                 Ok(()) => true,
                 Err(reason) => {
                     tracing::info!(target = %label, %reason, "The sweep reads every row of the target.");
@@ -703,6 +706,21 @@ async fn rotate_all(
             break;
         }
     }
+
+    // A failover during the last sweep may have undone its writes; a rerun
+    // sweeps every row of a finished job.
+    if sweeps > 0 {
+        for ((label, _, _, _, table), record) in prepared.iter().zip(&passes) {
+            let now = TableState::read(&settings.db, table)
+                .await
+                .map_err(|e| Failure::from_database("cannot finish the sweep", &e))?;
+            if !now.same_server(&record.horizon) {
+                return Err(Failure::Retryable(format!(
+                    "the database server restarted or failed over during the run of {label}; run the job again to sweep every row"
+                )));
+            }
+        }
+    }
     Ok((sweeps, last_found))
 }
 
@@ -724,8 +742,8 @@ async fn finish(
         .begin()
         .await
         .map_err(|e| Failure::from_database(context, &e))?;
-    // Shards that finish together take turns, so the last one to count the
-    // open ranges sees every other shard's ranges done and marks the job finished.
+    // Shards that finish together take turns. The last one to count the open
+    // ranges then finds every other shard's ranges done and marks the job finished.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
         .bind(format!("reencrypt job {job}"))
         .execute(&mut *tx)

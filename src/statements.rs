@@ -13,7 +13,10 @@ pub struct Statements {
     fetch: [String; 8],
     /// Compare-and-swap update from arrays; returns the ordinals written.
     pub write: String,
-    /// Locks rows by key and reads their current values; returns ordinals.
+    /// Whether `write` also takes the rows' positions (`ctid`), as its last array.
+    pub by_position: bool,
+    /// Locks rows by key and reads their current values and positions;
+    /// returns ordinals.
     pub lock: String,
     /// Advances a range's checkpoint, if this runner still holds the lease;
     /// returns the transaction's ID.
@@ -65,7 +68,10 @@ impl Statements {
         // Keyset fetch: the exclusive lower bound's parameters come first, then
         // the inclusive upper bound's, then the row limit, then for a sweep of
         // changed rows the horizon and the writers (see `ChangedSince`).
-        let select = format!("SELECT {key_text}, t.{column}::text AS value FROM {table} AS t");
+        // The row's position comes last, after the value; see `by_position`.
+        let select = format!(
+            "SELECT {key_text}, t.{column}::text AS value, t.ctid::text AS row_position FROM {table} AS t"
+        );
         let order = format!("ORDER BY {key_list}");
         let fetch_variant = |has_lower: bool, has_upper: bool, changed: bool| -> String {
             let mut next = 1;
@@ -97,9 +103,12 @@ impl Statements {
         };
         let fetch = std::array::from_fn(|i| fetch_variant(i & 1 != 0, i & 2 != 0, i & 4 != 0));
 
-        // Arrays: one text[] per key column, then old values, then new values.
+        // Arrays: one text[] per key column, then old values, then new values,
+        // then, in a single table, the rows' positions.
+        let by_position = target.single_table;
         let array_columns: Vec<String> = (1..=key_len).map(|i| format!("k{i}")).collect();
-        let arrays = (1..=key_len + 2)
+        let array_count = key_len + 2 + usize::from(by_position);
+        let arrays = (1..=array_count)
             .map(|i| format!("${i}::text[]"))
             .collect::<Vec<_>>()
             .join(", ");
@@ -110,11 +119,19 @@ impl Statements {
             .map(|(i, k)| format!("t.{} = u.k{}::{}", quote_ident(&k.name), i + 1, k.type_name))
             .collect::<Vec<_>>()
             .join(" AND ");
+        // The position lets PostgreSQL go straight to the row read, without an
+        // index lookup. The key and old value must still match, so a row that
+        // moved or changed since it was read is not written.
+        let (position_column, position_join) = if by_position {
+            (", row_position", "t.ctid = u.row_position::tid AND ")
+        } else {
+            ("", "")
+        };
         // COLLATE "C" makes the comparison byte-exact whatever the column's collation.
         let write = format!(
             "UPDATE {table} AS t SET {column} = u.new_value \
-             FROM unnest({arrays}) WITH ORDINALITY AS u({}, old_value, new_value, ord) \
-             WHERE {join_keys} AND t.{column}::text COLLATE \"C\" = u.old_value COLLATE \"C\" \
+             FROM unnest({arrays}) WITH ORDINALITY AS u({}, old_value, new_value{position_column}, ord) \
+             WHERE {position_join}{join_keys} AND t.{column}::text COLLATE \"C\" = u.old_value COLLATE \"C\" \
              RETURNING u.ord",
             array_columns.join(", ")
         );
@@ -123,7 +140,7 @@ impl Statements {
             .collect::<Vec<_>>()
             .join(", ");
         let lock = format!(
-            "SELECT u.ord, t.{column}::text FROM unnest({lock_arrays}) WITH ORDINALITY AS u({}, ord) \
+            "SELECT u.ord, t.{column}::text, t.ctid::text FROM unnest({lock_arrays}) WITH ORDINALITY AS u({}, ord) \
              JOIN {table} AS t ON {join_keys} FOR UPDATE OF t",
             array_columns.join(", ")
         );
@@ -174,6 +191,7 @@ impl Statements {
             key_len,
             fetch,
             write,
+            by_position,
             lock,
             checkpoint,
             sweep_checkpoint,
@@ -185,8 +203,8 @@ impl Statements {
         }
     }
 
-    /// The fetch statement for the bounds present, reading every row or only
-    /// rows changed since a horizon.
+    /// Returns the fetch statement for the bounds present, reading every row
+    /// or only rows changed since a horizon.
     pub fn fetch(&self, has_lower: bool, has_upper: bool, changed: bool) -> &str {
         &self.fetch[usize::from(has_lower) + 2 * usize::from(has_upper) + 4 * usize::from(changed)]
     }

@@ -3,11 +3,11 @@
 //!
 //! A row's `xmin` names the transaction that wrote its current version. A
 //! row whose version is older than a horizon taken before the pass is the
-//! version the pass read and decided; a row written by one of the pass's own
-//! batch transactions holds what the pass wrote. Every other row may have
+//! version the pass read and decided. A row written by one of the pass's own
+//! batch transactions still has the value the pass wrote. Every other row may have
 //! changed behind the pass, and the sweep reads it again. This holds only
 //! while the table and the server stay as they were, so the sweep reads
-//! every row when [`TableState::allows_filter_since`] says otherwise.
+//! every row when [`TableState::allows_filter_since`] refuses.
 
 use std::sync::Arc;
 
@@ -23,7 +23,8 @@ const MAX_XID_DISTANCE: i64 = 1 << 30;
 /// this length the sweep reads every row instead.
 const MAX_WRITERS_UNHASHED: usize = 1000;
 
-/// What must stay the same between the pass and a sweep, read in one query.
+/// The facts a filtered sweep relies on, read in one query before the pass
+/// and again before each sweep round.
 #[derive(Debug, Clone)]
 pub struct TableState {
     /// The oldest transaction that may not be visible yet (snapshot `xmin`), 64-bit.
@@ -36,7 +37,7 @@ pub struct TableState {
     server_version: i32,
     /// The target and every table below it (inheritance or partitions), by OID.
     relations: String,
-    /// Why rows' `xmin` cannot be trusted for this table, if it cannot.
+    /// The reason rows' `xmin` cannot be trusted for this table, if any.
     unsuitable: Option<String>,
 }
 
@@ -67,18 +68,25 @@ impl TableState {
         })
     }
 
-    /// The horizon as the 32-bit ID that rows' `xmin` holds.
+    /// Tells whether the server is the same one as when `since` was read, and
+    /// has not restarted since.
+    pub fn same_server(&self, since: &TableState) -> bool {
+        self.server_started == since.server_started
+    }
+
+    /// Returns the horizon as the 32-bit ID that rows' `xmin` holds.
     pub fn horizon_xid(&self) -> u32 {
         (self.horizon as u64 & u64::from(u32::MAX)) as u32
     }
 
-    /// Whether a sweep now may read only rows changed since `since` (the
-    /// state before the pass) with the given writers; otherwise the reason.
+    /// Checks that a sweep now may read only rows changed since `since`, the
+    /// state before the pass, with the given writers. Returns the reason
+    /// when it may not.
     pub fn allows_filter_since(&self, since: &TableState, writers: usize) -> Result<(), String> {
         if let Some(reason) = since.unsuitable.as_ref().or(self.unsuitable.as_ref()) {
             return Err(reason.clone());
         }
-        if self.server_started != since.server_started {
+        if !self.same_server(since) {
             return Err("the server restarted or changed since the pass began".into());
         }
         if self.relations != since.relations {
@@ -100,28 +108,36 @@ impl TableState {
     }
 }
 
-/// The horizon and frontier of a fresh snapshot, the server's start time and
-/// version, the OIDs of the target and the tables below it, and whether any
-/// of them is stored outside heap tables or has triggers or rules that could
-/// write other rows in a batch's transaction (foreign-key checks cannot; the
-/// cascading actions of a key that references the target can).
+/// The state query. It reads the horizon and frontier of a fresh snapshot,
+/// the server's start time and version, and the tables of the target. Each
+/// table comes with the `xmin` of its inheritance link, which changes when it
+/// is detached and attached again. It also reports whether any table is stored
+/// outside heap tables, and whether any has a trigger or rule that could
+/// write other rows in a batch's transaction.
+/// Only the triggers that enforce foreign keys without changing rows, and
+/// the recheck of deferred unique constraints, are known to be harmless.
+/// Before PostgreSQL 15 a trigger cloned from a partitioned parent is marked
+/// internal, so `tgisinternal` cannot tell them apart.
 const STATE_QUERY: &str = "\
 WITH RECURSIVE tree AS ( \
-  SELECT $1::text::regclass::oid AS oid \
-  UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid \
+  SELECT $1::text::regclass::oid AS oid, '' AS link \
+  UNION SELECT i.inhrelid, i.xmin::text FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid \
 ) \
 SELECT txid_snapshot_xmin(txid_current_snapshot()), \
        txid_snapshot_xmax(txid_current_snapshot()), \
        pg_postmaster_start_time()::text, \
        current_setting('server_version_num')::int, \
-       (SELECT string_agg(oid::text, ',' ORDER BY oid) FROM tree), \
+       (SELECT string_agg(oid::text || '/' || link, ',' ORDER BY oid, link) FROM tree), \
        EXISTS (SELECT 1 FROM tree JOIN pg_class c ON c.oid = tree.oid \
                WHERE c.relkind NOT IN ('r', 'p') \
                   OR (c.relkind = 'r' AND c.relam <> (SELECT oid FROM pg_am WHERE amname = 'heap'))), \
        EXISTS (SELECT 1 FROM pg_trigger g JOIN tree ON g.tgrelid = tree.oid \
-               WHERE NOT g.tgisinternal \
-                  OR g.tgfoid IN ('\"RI_FKey_cascade_upd\"'::regproc, '\"RI_FKey_setnull_upd\"'::regproc, \
-                                  '\"RI_FKey_setdefault_upd\"'::regproc)) \
+               WHERE g.tgfoid NOT IN ( \
+                 '\"RI_FKey_check_ins\"'::regproc, '\"RI_FKey_check_upd\"'::regproc, \
+                 '\"RI_FKey_noaction_del\"'::regproc, '\"RI_FKey_noaction_upd\"'::regproc, \
+                 '\"RI_FKey_restrict_del\"'::regproc, '\"RI_FKey_restrict_upd\"'::regproc, \
+                 '\"RI_FKey_cascade_del\"'::regproc, '\"RI_FKey_setnull_del\"'::regproc, \
+                 '\"RI_FKey_setdefault_del\"'::regproc, 'unique_key_recheck'::regproc)) \
          OR EXISTS (SELECT 1 FROM pg_rewrite r JOIN tree ON r.ev_class = tree.oid)";
 
 /// One range's pass in this process: where it started and which
@@ -132,10 +148,14 @@ pub struct RangePassed {
     pub writers: Vec<u32>,
 }
 
-/// What the pass of this process covered in one target, for its sweeps.
+/// The part of one target that this process's pass covered, for its sweeps.
 pub struct PassRecord {
     /// The table before the pass read anything.
     pub before: TableState,
+    /// Why a sweep could not filter, once one could not: from then on every
+    /// round reads the whole target, since the pass's writers may have done
+    /// more than the pass while the reason held.
+    refused: Option<String>,
     /// Taken before the pass, then before each sweep round.
     pub horizon: TableState,
     /// This process's transactions that wrote rows of the target.
@@ -150,8 +170,23 @@ impl PassRecord {
         PassRecord {
             horizon: before.clone(),
             before,
+            refused: None,
             writers: Vec::new(),
             started_from: Vec::new(),
+        }
+    }
+
+    /// Checks that the sweep round about to start may read only changed
+    /// rows, given the table's state `now`; returns the reason when it may not.
+    pub fn may_filter(&mut self, now: &TableState) -> Result<(), String> {
+        if self.refused.is_none() {
+            if let Err(reason) = now.allows_filter_since(&self.before, self.writers.len()) {
+                self.refused = Some(reason);
+            }
+        }
+        match &self.refused {
+            Some(reason) => Err(reason.clone()),
+            None => Ok(()),
         }
     }
 
@@ -170,14 +205,16 @@ impl PassRecord {
     }
 }
 
-/// The parts of this shard's key space a sweep round reads.
+/// Lists the parts of this shard's key space a sweep round reads.
 ///
-/// When `filter` holds, key spans this process has read since the horizon
-/// are read only for changed rows, in one part over the whole shard, and on
-/// the first round every other span is read whole: a range passed by an
-/// earlier process (its sweep never ran), the part of a resumed range before
-/// the resume point, and, in the last range, keys past the bound fixed when
-/// the job started (rows inserted since then, maybe before the horizon).
+/// When `filter` holds, the key spans this process has read since the
+/// horizon are read only for changed rows, in one part over the whole shard.
+/// On the first round every other span is read whole:
+/// - a range passed by an earlier process, whose sweep never ran;
+/// - the part of a resumed range before the resume point;
+/// - in the last range, keys past the bound fixed when the job started
+///   (rows inserted since then, maybe before the horizon).
+///
 /// Without `filter`, every range is read whole.
 pub fn parts(
     label: &str,
@@ -188,8 +225,8 @@ pub fn parts(
     filter: bool,
 ) -> Vec<RangeWork> {
     let is_last = |range: &RangeRecord| range.range_index as usize == total_ranges - 1;
-    // A range other than the last one with no upper bound belongs to a table
-    // that was empty when the job started; the last range covers its keys.
+    // A range other than the last one has no upper bound only when the table
+    // was empty at the job's start, so the last range covers its keys.
     let reaches = |range: &RangeRecord| is_last(range) || range.upper_key.is_some();
     let end = |range: &RangeRecord| {
         if is_last(range) {
@@ -234,8 +271,11 @@ pub fn parts(
             }
         }
     }
+    // With nothing passed by this process, the first round reads every
+    // range whole, and a filtered scan would add nothing.
+    let nothing_passed = first_round && record.started_from.is_empty();
     if let (Some(first), Some(last)) = (mine.first(), mine.last()) {
-        if reaches(last) {
+        if reaches(last) && !nothing_passed {
             let mut changed = work(first, first.lower_key.clone(), end(last));
             changed.changed_since = Some(Arc::new(ChangedSince {
                 horizon: record.horizon.horizon_xid(),

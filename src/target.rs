@@ -234,6 +234,9 @@ pub struct Target {
     pub index_name: String,
     /// The planner's estimate of the table's rows (`reltuples`), or 0 if never analyzed.
     pub estimated_rows: i64,
+    /// A plain table with no partitions or inheritance children, whose rows a
+    /// write can find by their `ctid`.
+    pub single_table: bool,
 }
 
 impl fmt::Display for Target {
@@ -287,15 +290,16 @@ impl Target {
         };
 
         // Table: to_regclass applies the search path when no schema is given.
-        let table_row: Option<(i64, String, String, String, f32)> = sqlx::query_as(
-            "SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text, c.reltuples \
+        let table_row: Option<(i64, String, String, String, f32, bool)> = sqlx::query_as(
+            "SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text, c.reltuples, \
+                    c.relhassubclass \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.oid = to_regclass($1)",
         )
         .bind(spec.quoted_table())
         .fetch_optional(&mut *conn)
         .await?;
-        let Some((oid, schema, table, kind, reltuples)) = table_row else {
+        let Some((oid, schema, table, kind, reltuples, has_children)) = table_row else {
             return Err(TargetError::TableNotFound(display).into());
         };
         match kind.as_str() {
@@ -363,6 +367,7 @@ impl Target {
             key,
             index_name,
             estimated_rows: (reltuples.max(0.0)) as i64,
+            single_table: kind == "r" && !has_children,
         })
     }
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::{first_target_count, output_text, run_command, run_json, KeyFile, TestDb};
 use reencrypt::classify::{decrypt_to_string, encrypt_string};
+use reencrypt::db::{Database, Timeouts};
 use reencrypt::keys::Key;
+use reencrypt::sweep::TableState;
 
 /// Fills `t` (bigint key `id`, text `secret`) with old-key values.
 async fn fill(db: &TestDb, rows: i64, old: &Key) {
@@ -282,4 +284,86 @@ async fn sweep_reads_every_row_after_a_table_joins_the_target() {
             .map(String::as_str),
         Some("the plaintext of the late row")
     );
+}
+
+async fn state(db: &TestDb, table: &str) -> TableState {
+    let timeouts = Timeouts {
+        lock_timeout_ms: 5000,
+        statement_timeout_ms: 30_000,
+        idle_in_transaction_timeout_ms: 60_000,
+    };
+    let database = Database::connect_lazy(&db.url, 1, timeouts).unwrap();
+    TableState::read(&database, table).await.unwrap()
+}
+
+#[tokio::test]
+async fn table_state_tells_when_rows_xmin_cannot_be_trusted() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE p (id bigint PRIMARY KEY, secret text) PARTITION BY RANGE (id); \
+         CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100); \
+         CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (100) TO (200); \
+         CREATE TABLE child (id bigint PRIMARY KEY, p_id bigint REFERENCES p (id))",
+    )
+    .await;
+
+    // Foreign-key checks on either side change no row, so they are harmless.
+    let before = state(&db, "public.p").await;
+    assert_eq!(
+        state(&db, "public.p")
+            .await
+            .allows_filter_since(&before, 10),
+        Ok(())
+    );
+    let child = state(&db, "public.child").await;
+    assert_eq!(child.allows_filter_since(&child, 10), Ok(()));
+
+    // A partition detached and attached again keeps its OID, not its link.
+    db.exec(
+        "ALTER TABLE p DETACH PARTITION p2; \
+         ALTER TABLE p ATTACH PARTITION p2 FOR VALUES FROM (100) TO (200)",
+    )
+    .await;
+    let reason = state(&db, "public.p")
+        .await
+        .allows_filter_since(&before, 10);
+    assert!(reason.unwrap_err().contains("attached to or detached"));
+
+    // A cascading key action writes rows of the referencing table.
+    let before = state(&db, "public.p").await;
+    db.exec(
+        "CREATE TABLE audit (id bigint PRIMARY KEY, secret text UNIQUE); \
+         CREATE TABLE copy (secret text REFERENCES audit (secret) ON UPDATE CASCADE)",
+    )
+    .await;
+    let audit = state(&db, "public.audit").await;
+    assert!(audit
+        .allows_filter_since(&audit, 10)
+        .unwrap_err()
+        .contains("triggers or rules"));
+
+    // A row trigger on the partitioned parent reaches each partition.
+    db.exec(
+        "CREATE FUNCTION keep() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END'; \
+         CREATE TRIGGER keep BEFORE UPDATE ON p FOR EACH ROW EXECUTE FUNCTION keep()",
+    )
+    .await;
+    let partition = state(&db, "public.p1").await;
+    assert!(partition
+        .allows_filter_since(&partition, 10)
+        .unwrap_err()
+        .contains("triggers or rules"));
+    assert!(state(&db, "public.p")
+        .await
+        .allows_filter_since(&before, 10)
+        .is_err());
+
+    // Before PostgreSQL 15 the writers are looked up row by row.
+    let plain = state(&db, "public.child").await;
+    let many = plain.allows_filter_since(&plain, 5000);
+    let version: i32 = sqlx::query_scalar("SELECT current_setting('server_version_num')::int")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(many.is_ok(), version >= 150_000, "{many:?}");
 }
