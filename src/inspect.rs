@@ -243,6 +243,7 @@ async fn verify_targets(args: &VerifyArgs) -> Result<i32, Failure> {
     if args.job.as_deref().is_some_and(|j| j.trim().is_empty()) {
         return Err(Failure::Config("--job must not be empty".into()));
     }
+    check_report_path(args.output.report.as_deref())?;
     let inputs = ScanInputs {
         database: &args.database,
         targets: &args.targets,
@@ -395,6 +396,20 @@ fn run_record(evidence: &Evidence) -> RunRecord {
         exit_code: evidence.exit_code,
         report: serde_json::to_value(evidence).unwrap_or_default(),
     }
+}
+
+/// Fails with exit 2 before any work when `--report` names a file that
+/// cannot be written.
+pub fn check_report_path(path: Option<&std::path::Path>) -> Result<(), Failure> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    report::check_writable(path).map_err(|e| {
+        Failure::Config(format!(
+            "--report {} cannot be written: {e}",
+            path.display()
+        ))
+    })
 }
 
 fn write_report(path: &std::path::Path, evidence: &Evidence) -> Result<(), Failure> {

@@ -192,6 +192,20 @@ pub fn operator(option: Option<&str>) -> String {
 }
 
 /// Writes a JSON document to `path` atomically (temporary file, then rename).
+/// Checks, before any work, that `write_json` will be able to write `path`:
+/// it is not a directory, and its directory takes a new file.
+pub fn check_writable(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "it is a directory",
+        ));
+    }
+    let temporary = path.with_extension("tmp");
+    std::fs::File::create(&temporary)?;
+    std::fs::remove_file(&temporary)
+}
+
 pub fn write_json(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
     let temporary = path.with_extension("tmp");
     {

@@ -314,6 +314,7 @@ pub async fn run(args: &RunArgs, stop: Arc<AtomicBool>) -> Result<RunSummary, Fa
     if args.database.schema.is_empty() {
         return Err(Failure::Config("--schema must not be empty".into()));
     }
+    crate::inspect::check_report_path(args.output.report.as_deref())?;
     if args.output.report_limit < 0 {
         return Err(Failure::Config(format!(
             "--report-limit must be zero or more, got {}",

@@ -677,6 +677,19 @@ async fn bad_input_exits_2_and_writes_nothing() {
             args(&["t.secret", "public.t.secret"], &old.path, &new.path),
             "given twice",
         ),
+        (
+            "report in a missing directory",
+            with_report(
+                args(&["t.secret"], &old.path, &new.path),
+                &dir.path().join("no/such/dir/report.json"),
+            ),
+            "cannot be written",
+        ),
+        (
+            "report path is a directory",
+            with_report(args(&["t.secret"], &old.path, &new.path), dir.path()),
+            "it is a directory",
+        ),
     ];
     for (name, arguments, expected) in cases {
         let output = common::binary()
@@ -708,6 +721,12 @@ async fn bad_input_exits_2_and_writes_nothing() {
         .await
         .unwrap();
     assert_eq!(schema, None, "no checkpoint schema is created on bad input");
+}
+
+fn with_report(mut arguments: Vec<String>, path: &std::path::Path) -> Vec<String> {
+    arguments.push("--report".into());
+    arguments.push(path.display().to_string());
+    arguments
 }
 
 fn args(targets: &[&str], old: &std::path::Path, new: &std::path::Path) -> Vec<String> {
