@@ -1,6 +1,6 @@
 //! Logging: text or JSON on standard error, filtered by RUST_LOG (default `info`).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 use tracing_subscriber::EnvFilter;
 
@@ -29,8 +29,12 @@ impl Write for StandardError {
 pub fn init(format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    // Colours only on a terminal: a log file or collector would keep the
+    // escape codes as text. NO_COLOR turns them off on a terminal too.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(|| StandardError);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

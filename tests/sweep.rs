@@ -267,6 +267,10 @@ async fn sweep_reads_every_row_after_a_table_joins_the_target() {
     let text = output_text(&output);
     assert_eq!(output.status.code(), Some(0), "{text}");
     assert!(text.contains("attached to or detached"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "text logs to a pipe carry no colour codes: {text}"
+    );
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(
         first_target_count(&summary, "sweep_reencrypted"),
