@@ -485,6 +485,22 @@ pub async fn attention_keys(
     .await
 }
 
+/// Counts a job's rows in the attention table: all of them, and those that
+/// need attention (every outcome but not-in-format).
+pub async fn attention_counts(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+) -> Result<(i64, i64), sqlx::Error> {
+    let q = quote_ident(schema);
+    sqlx::query_as(&format!(
+        "SELECT count(*), count(*) FILTER (WHERE outcome <> 'not_in_format') FROM {q}.attention WHERE job = $1"
+    ))
+    .bind(job)
+    .fetch_one(conn)
+    .await
+}
+
 /// One job as `status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct JobRecord {

@@ -34,6 +34,10 @@ pub struct RunSummary {
     pub counts_before: Option<std::collections::BTreeMap<String, Counts>>,
     /// (target, key, outcome) of rows needing attention, bounded by --report-limit.
     pub attention: Vec<(String, String, String)>,
+    /// Rows in the job's attention table, listed or not.
+    pub attention_total: i64,
+    /// Of those, the rows that need attention (all but not-in-format ones).
+    pub attention_needs_action: i64,
     pub key_fingerprints: JobIdentity,
 }
 
@@ -60,12 +64,12 @@ impl RunSummary {
     /// Exit code of a completed run: 3 when rows need attention.
     pub fn exit_code(&self) -> i32 {
         // A sweep may find rows needing attention that the main pass counted
-        // as fine; they are in the attention list, not in the counts.
+        // as fine; they are in the attention table, not in the counts.
         let listed = self
             .attention
             .iter()
             .any(|(_, _, outcome)| outcome != Outcome::NotInFormat.label());
-        if self.total().attention() > 0 || listed {
+        if self.total().attention() > 0 || self.attention_needs_action > 0 || listed {
             crate::exit::NEEDS_ATTENTION
         } else {
             crate::exit::SUCCESS
@@ -164,7 +168,15 @@ pub fn render_run(summary: &RunSummary) -> String {
         out.push_str("other shards of this job still have ranges to do\n");
     }
     if !summary.attention.is_empty() {
-        out.push_str("rows left unchanged that need attention (target, key, outcome):\n");
+        let shown = summary.attention.len() as i64;
+        if summary.attention_total > shown {
+            out.push_str(&format!(
+                "rows left unchanged that need attention, the first {shown} of {} (target, key, outcome; `--report-limit` shows more):\n",
+                summary.attention_total
+            ));
+        } else {
+            out.push_str("rows left unchanged that need attention (target, key, outcome):\n");
+        }
         for (target, key, outcome) in &summary.attention {
             out.push_str(&format!("  {target}  {key}  {outcome}\n"));
         }

@@ -773,6 +773,10 @@ async fn finish(
     let attention = checkpoint::attention_keys(&mut tx, schema, job, report_limit)
         .await
         .map_err(|e| Failure::from_database(context, &e))?;
+    let (attention_total, attention_needs_action) =
+        checkpoint::attention_counts(&mut tx, schema, job)
+            .await
+            .map_err(|e| Failure::from_database(context, &e))?;
     tx.commit()
         .await
         .map_err(|e| Failure::from_database(context, &e))?;
@@ -795,6 +799,8 @@ async fn finish(
             })
             .collect(),
         attention,
+        attention_total,
+        attention_needs_action,
         ..RunSummary::default()
     })
 }

@@ -371,3 +371,48 @@ async fn table_state_tells_when_rows_xmin_cannot_be_trusted() {
         .unwrap();
     assert_eq!(many.is_ok(), version >= 150_000, "{many:?}");
 }
+
+#[tokio::test]
+async fn sweep_findings_past_the_report_limit_still_exit_3() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 100;
+    fill(&db, rows, &old.key).await;
+    // Plaintext values come first in the attention list.
+    db.exec("UPDATE t SET secret = 'plain ' || id WHERE id <= 3")
+        .await;
+
+    let (code, _, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path).args([
+            "--job",
+            "limited",
+            "--max-sweeps",
+            "0",
+        ]),
+    );
+    assert_eq!(code, 0, "{text}");
+    // A value under a key the run does not have, written after the pass.
+    put(&db, 50, &Key::generate(), "under a stranger's key").await;
+
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path).args([
+            "--job",
+            "limited",
+            "--report-limit",
+            "2",
+        ]),
+    );
+    assert_eq!(code, 3, "{text}");
+    assert_eq!(summary["attention"].as_array().unwrap().len(), 2, "{text}");
+    assert_eq!(summary["attention_total"], 4, "{text}");
+    assert_eq!(summary["attention_needs_action"], 1, "{text}");
+
+    let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .args(["--job", "limited", "--report-limit", "2"])
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(3), "{text}");
+    assert!(text.contains("the first 2 of 4"), "{text}");
+}
