@@ -360,16 +360,49 @@ impl Target {
             .into());
         }
 
+        let estimated_rows = if reltuples >= 0.0 {
+            reltuples as i64
+        } else {
+            let quoted = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+            estimate_unanalyzed(conn, oid, &quoted).await?
+        };
         Ok(Target {
             schema,
             table,
             column: spec.column.clone(),
             key,
             index_name,
-            estimated_rows: (reltuples.max(0.0)) as i64,
+            estimated_rows,
             single_table: kind == "r" && !has_children,
         })
     }
+}
+
+/// Tables up to this size that were never analyzed are counted exactly.
+const EXACT_COUNT_MAX_BYTES: i64 = 64 * 1024 * 1024;
+
+/// Bytes per row assumed for a larger table that was never analyzed.
+const ASSUMED_ROW_BYTES: i64 = 128;
+
+/// Estimates the rows of a table that was never analyzed (`reltuples` is
+/// -1), for progress: counted when small, else from its size on disk.
+async fn estimate_unanalyzed(
+    conn: &mut PgConnection,
+    oid: i64,
+    quoted_table: &str,
+) -> Result<i64, sqlx::Error> {
+    let bytes: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(pg_relation_size(relid)), 0)::int8 FROM pg_partition_tree($1::oid)",
+    )
+    .bind(oid)
+    .fetch_one(&mut *conn)
+    .await?;
+    if bytes <= EXACT_COUNT_MAX_BYTES {
+        return sqlx::query_scalar(&format!("SELECT count(*) FROM {quoted_table}"))
+            .fetch_one(&mut *conn)
+            .await;
+    }
+    Ok(bytes / ASSUMED_ROW_BYTES)
 }
 
 /// Resolution failed: either the user's input is wrong or the database failed.

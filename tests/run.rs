@@ -334,6 +334,40 @@ async fn assert_all_rotated(db: &TestDb, table: &str, rows: i64, new: &Key) {
 }
 
 #[tokio::test]
+async fn progress_estimate_counts_a_table_never_analyzed() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    // Autovacuum would analyze the table and set the estimate itself.
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, secret text NOT NULL) WITH (autovacuum_enabled = false)")
+        .await;
+    sqlx::query("INSERT INTO t SELECT g, $1 FROM generate_series(1, 1000) g")
+        .bind(encrypt_string(&old.key, "one value for every row"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let reltuples: f32 = sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE relname = 't'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(reltuples < 0.0, "the new table was analyzed already");
+
+    let (code, _, text) = run_json(&mut run_command(
+        &db,
+        &["t.secret"],
+        &[&old.path],
+        &new.path,
+    ));
+    assert_eq!(code, 0, "{text}");
+    let estimated: i64 =
+        sqlx::query_scalar("SELECT sum(rows_estimated)::int8 FROM reencrypt.ranges")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(estimated, 1000);
+}
+
+#[tokio::test]
 async fn resume_after_kill_and_signal() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
