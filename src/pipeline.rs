@@ -296,7 +296,17 @@ pub async fn run_range(
                 if batch.len() == 0 {
                     return;
                 }
-                after = Some(batch.key_of(batch.len() - 1));
+                let next = Some(batch.key_of(batch.len() - 1));
+                // Keyset paging must move forward. A key that reads back as
+                // the same bound would fetch the same rows forever.
+                if next == after {
+                    permit.send(Err(RangeError::Database(format!(
+                        "the paging key did not advance past {}; the key's type may not round-trip through text",
+                        next.as_deref().map(key_label).unwrap_or_default()
+                    ))));
+                    return;
+                }
+                after = next;
                 // Each page of changed rows costs a sequential scan of the
                 // table. When many rows changed, reading the rest in key order
                 // costs less.

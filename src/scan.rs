@@ -233,7 +233,13 @@ pub async fn scan_full(settings: &ScanSettings, target: &Target) -> Result<Targe
         if page.len() == 0 {
             break;
         }
-        after = Some(page.key_of(page.len() - 1));
+        let next = Some(page.key_of(page.len() - 1));
+        if next == after {
+            return Err(Failure::Retryable(format!(
+                "scanning {label}: the paging key did not advance; its type may not round-trip through text"
+            )));
+        }
+        after = next;
         classifying = Some(spawn_classify(settings, page));
     }
 

@@ -420,7 +420,7 @@ async fn index_columns(
     index_oid: i64,
 ) -> Result<Vec<KeyColumn>, sqlx::Error> {
     let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT a.attname::text, format_type(a.atttypid, NULL) \
+        "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
          FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position) \
          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
          WHERE i.indexrelid = $1::oid ORDER BY k.position",

@@ -334,6 +334,67 @@ async fn assert_all_rotated(db: &TestDb, table: &str, rows: i64, new: &Key) {
 }
 
 #[tokio::test]
+async fn keys_with_a_length_or_precision_page_forward() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    // A cast to `character` without its length cuts a key to one character,
+    // and a cast to `numeric` without its scale keeps it; both types must
+    // page with their full declared type.
+    db.exec(
+        "CREATE TABLE fixed (k char(8) PRIMARY KEY, secret text); \
+         CREATE TABLE bits (k bit(6), n numeric(6,2), secret text, PRIMARY KEY (k, n))",
+    )
+    .await;
+    for id in 0..60i64 {
+        let value = encrypt_string(&old.key, &format!("plaintext-of-row-{id:06}"));
+        sqlx::query("INSERT INTO fixed VALUES (lpad($1::text, 8, 'x'), $2)")
+            .bind(id)
+            .bind(&value)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO bits VALUES (($1 % 64)::int::bit(6), $1 / 7.0, $2)")
+            .bind(id)
+            .bind(&value)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    let (code, summary, text) = run_json(
+        run_command(
+            &db,
+            &["fixed.secret", "bits.secret"],
+            &[&old.path],
+            &new.path,
+        )
+        .args(["--batch-size", "7"]),
+    );
+    assert_eq!(code, 0, "{text}");
+    for target in 0..2 {
+        let counts = counts(&summary, target);
+        assert_eq!(counts["rows_scanned"], 60, "{text}");
+        assert_eq!(counts["reencrypted"], 60, "{text}");
+    }
+    let output = common::binary()
+        .args([
+            "verify",
+            "--database-url",
+            &db.url,
+            "--target",
+            "fixed.secret",
+        ])
+        .args(["--target", "bits.secret", "--batch-size", "7"])
+        .arg("--old-key-file")
+        .arg(&old.path)
+        .arg("--new-key-file")
+        .arg(&new.path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", output_text(&output));
+}
+
+#[tokio::test]
 async fn progress_estimate_counts_a_table_never_analyzed() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
