@@ -10,6 +10,7 @@ pub const RETRYABLE: i32 = 1;
 pub const CONFIG: i32 = 2;
 /// The job completed, but some rows need attention: undecryptable, ambiguous,
 /// or rejected by the database. They were left unchanged and are listed.
+/// Also when the last sweep still found values under an old key.
 /// From `verify`: nothing is under an old key, but some values decrypt under
 /// no key given.
 pub const NEEDS_ATTENTION: i32 = 3;
@@ -23,7 +24,8 @@ pub const HELP: &str = "Exit codes:
   0  complete
   1  failed, safe to retry (a rerun resumes from the last checkpoint)
   2  usage or configuration error; fix the input, do not retry
-  3  complete, but some rows need attention (undecryptable, ambiguous, or rejected by the database);
+  3  complete, but some rows need attention (undecryptable, ambiguous, or rejected by the database),
+     or the last sweep still found values under an old key;
      verify: nothing under an old key, but some values decrypt under no key given
   4  interrupted by a signal after a clean checkpoint; safe to retry
   5  verify: values are still readable under an old key, or ambiguous";

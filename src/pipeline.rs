@@ -725,7 +725,16 @@ async fn write(
     } else if to_write.is_empty() {
         Vec::new()
     } else {
-        match update(&mut tx, statements, batch, &to_write, new_value).await {
+        match update(
+            &mut tx,
+            statements,
+            batch,
+            &to_write,
+            new_value,
+            &mut outcomes,
+        )
+        .await
+        {
             Ok(written) => written,
             Err(error) if db::is_row_error(&error) => return Err(WriteError::RowRejected),
             Err(error) => return Err(error.into()),
@@ -857,7 +866,7 @@ async fn write_rows<'a>(
         return Ok(Vec::new());
     }
     let mut savepoint = sqlx::Connection::begin(&mut **tx).await?;
-    match update(&mut savepoint, statements, batch, rows, new_value).await {
+    match update(&mut savepoint, statements, batch, rows, new_value, outcomes).await {
         Ok(written) => {
             savepoint.commit().await?;
             Ok(written)
@@ -882,14 +891,17 @@ async fn write_rows<'a>(
 }
 
 /// Runs the compare-and-swap UPDATE for `rows`; returns the rows written.
+/// A row the UPDATE matched but that stores another value than the one
+/// written (a trigger changed or kept it) is marked `WriteRejected`.
 async fn update<'a>(
     conn: &mut PgConnection,
     statements: &Statements,
     batch: &Batch,
     rows: &[usize],
     new_value: impl Fn(usize) -> &'a str,
+    outcomes: &mut [Outcome],
 ) -> Result<Vec<usize>, sqlx::Error> {
-    let mut query = sqlx::query_scalar::<_, i64>(&statements.write);
+    let mut query = sqlx::query_as::<_, (i64, bool)>(&statements.write);
     for column in &batch.keys {
         let keys: Vec<&str> = rows.iter().map(|&r| column[r].as_str()).collect();
         query = query.bind(keys);
@@ -904,11 +916,17 @@ async fn update<'a>(
         let positions: Vec<&str> = rows.iter().map(|&r| batch.positions[r].as_str()).collect();
         query = query.bind(positions);
     }
-    let ordinals = query.fetch_all(conn).await?;
-    Ok(ordinals
-        .into_iter()
-        .map(|ord| rows[(ord - 1) as usize])
-        .collect())
+    let returned = query.fetch_all(conn).await?;
+    let mut written = Vec::with_capacity(returned.len());
+    for (ord, stored_as_written) in returned {
+        let row = rows[(ord - 1) as usize];
+        if !stored_as_written {
+            tracing::warn!(key = %key_label(&batch.key_of(row)), "The row stores another value than the one written (a trigger changed it); it is reported.");
+            outcomes[row] = Outcome::WriteRejected;
+        }
+        written.push(row);
+    }
+    Ok(written)
 }
 
 /// Re-reads conflicted rows under a row lock, classifies their current values,

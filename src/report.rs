@@ -69,7 +69,10 @@ impl RunSummary {
             .attention
             .iter()
             .any(|(_, _, outcome)| outcome != Outcome::NotInFormat.label());
-        if self.total().attention() > 0 || self.attention_needs_action > 0 || listed {
+        // Sweeps that still found old-key values in their last round did not
+        // settle: the application may still be writing under an old key.
+        let unsettled = self.sweep_last_found > 0;
+        if self.total().attention() > 0 || self.attention_needs_action > 0 || listed || unsettled {
             crate::exit::NEEDS_ATTENTION
         } else {
             crate::exit::SUCCESS
@@ -160,7 +163,7 @@ pub fn render_run(summary: &RunSummary) -> String {
     ));
     if summary.sweep_last_found > 0 {
         out.push_str(&format!(
-            "the last sweep still rotated {} values written under an old key; run `reencrypt verify` once the application writes only under the new key\n",
+            "the last sweep still rotated {} values written under an old key (exit code 3): the application may still write under an old key; run `reencrypt run` again once it writes only under the new key, then `reencrypt verify`\n",
             summary.sweep_last_found
         ));
     }

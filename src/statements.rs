@@ -11,7 +11,8 @@ pub struct Statements {
     /// Keyset fetch, by which bounds are present and whether only changed
     /// rows are read; see `Statements::fetch`.
     fetch: [String; 8],
-    /// Compare-and-swap update from arrays; returns the ordinals written.
+    /// Compare-and-swap update from arrays; returns the ordinals written and
+    /// whether each row stores the value written.
     pub write: String,
     /// Whether `write` also takes the rows' positions (`ctid`), as its last array.
     pub by_position: bool,
@@ -132,7 +133,7 @@ impl Statements {
             "UPDATE {table} AS t SET {column} = u.new_value \
              FROM unnest({arrays}) WITH ORDINALITY AS u({}, old_value, new_value{position_column}, ord) \
              WHERE {position_join}{join_keys} AND t.{column}::text COLLATE \"C\" = u.old_value COLLATE \"C\" \
-             RETURNING u.ord",
+             RETURNING u.ord, t.{column}::text COLLATE \"C\" IS NOT DISTINCT FROM u.new_value COLLATE \"C\"",
             array_columns.join(", ")
         );
         let lock_arrays = (1..=key_len)

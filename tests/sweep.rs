@@ -416,3 +416,76 @@ async fn sweep_findings_past_the_report_limit_still_exit_3() {
     assert_eq!(output.status.code(), Some(3), "{text}");
     assert!(text.contains("the first 2 of 4"), "{text}");
 }
+
+#[tokio::test]
+async fn rows_a_trigger_keeps_unchanged_are_reported() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 200;
+    fill(&db, rows, &old.key).await;
+    db.exec(
+        "CREATE FUNCTION keep_some() RETURNS trigger LANGUAGE plpgsql AS \
+         'BEGIN IF NEW.id % 10 = 0 THEN NEW.secret := OLD.secret; END IF; RETURN NEW; END'; \
+         CREATE TRIGGER keep_some BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION keep_some()",
+    )
+    .await;
+
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path).args(["--batch-size", "50"]),
+    );
+    assert_eq!(code, 3, "{text}");
+    assert_eq!(first_target_count(&summary, "reencrypted"), 180, "{text}");
+    assert_eq!(first_target_count(&summary, "write_rejected"), 20, "{text}");
+    assert_eq!(summary["attention_needs_action"], 20, "{text}");
+
+    for (id, value) in db.values("t", "id", "secret").await {
+        let id: i64 = id.parse().unwrap();
+        let key = if id % 10 == 0 { &old.key } else { &new.key };
+        let read = decrypt_to_string(key, value.as_deref().unwrap());
+        assert_eq!(
+            read.as_deref().map(String::as_str),
+            Some(plaintext(id).as_str()),
+            "row {id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sweeps_that_do_not_settle_exit_3() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, 100, &old.key).await;
+    let (code, _, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path).args([
+            "--job",
+            "unsettled",
+            "--max-sweeps",
+            "0",
+        ]),
+    );
+    assert_eq!(code, 0, "{text}");
+    put(&db, 40, &old.key, "written after the pass").await;
+
+    // One sweep rotates the row; with no further sweep to show that none
+    // remain, the run cannot claim that every value is under the new key.
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path).args([
+            "--job",
+            "unsettled",
+            "--max-sweeps",
+            "1",
+        ]),
+    );
+    assert_eq!(code, 3, "{text}");
+    assert_eq!(summary["sweep_last_found"], 1, "{text}");
+    assert_reads(&db, &new.key, 100, |id| {
+        if id == 40 {
+            "written after the pass".to_string()
+        } else {
+            plaintext(id)
+        }
+    })
+    .await;
+}
