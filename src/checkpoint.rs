@@ -477,7 +477,7 @@ pub async fn attention_keys(
 ) -> Result<Vec<(String, String, String)>, sqlx::Error> {
     let q = quote_ident(schema);
     sqlx::query_as(&format!(
-        "SELECT target, key, outcome FROM {q}.attention WHERE job = $1 ORDER BY target, outcome, length(key), key LIMIT $2"
+        "SELECT target, key, outcome FROM {q}.attention WHERE job = $1 ORDER BY target, outcome = 'not_in_format', outcome, length(key), key LIMIT $2"
     ))
     .bind(job)
     .bind(limit)

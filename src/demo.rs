@@ -153,9 +153,11 @@ pub async fn demo(args: &DemoArgs, stop: Arc<AtomicBool>) -> Result<(RunSummary,
     Ok((summary, rows.len() as u64))
 }
 
-/// Removes the password from a connection URL for messages.
+/// Removes passwords from a connection string for messages: the one in a
+/// URL's `user:password@`, and every `password=` parameter, whether in a
+/// URL's query or in `key=value` form.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let masked = match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let credentials = &url[scheme + 3..at];
             match credentials.split_once(':') {
@@ -164,7 +166,33 @@ pub fn redact_url(url: &str) -> String {
             }
         }
         _ => url.to_string(),
+    };
+    redact_password_parameters(&masked)
+}
+
+/// Replaces the value of each `password=` parameter with `***`. A value ends
+/// at `&`, at whitespace, or, when quoted, at its closing quote.
+fn redact_password_parameters(text: &str) -> String {
+    const NAME: &str = "password=";
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = 0;
+    while let Some(found) = lower[rest..].find(NAME) {
+        let value_start = rest + found + NAME.len();
+        out.push_str(&text[rest..value_start]);
+        out.push_str("***");
+        let value = &text[value_start..];
+        let length = if let Some(quoted) = value.strip_prefix('\'') {
+            quoted.find('\'').map_or(value.len(), |end| end + 2)
+        } else {
+            value
+                .find(|c: char| c == '&' || c.is_whitespace())
+                .unwrap_or(value.len())
+        };
+        rest = value_start + length;
     }
+    out.push_str(&text[rest..]);
+    out
 }
 
 fn tempfile_dir() -> Result<std::path::PathBuf, Failure> {
@@ -193,4 +221,30 @@ fn write_private(path: &std::path::Path, text: &str) -> Result<(), Failure> {
         .map_err(|e| Failure::Retryable(format!("cannot write {}: {e}", path.display())))?;
     file.write_all(text.as_bytes())
         .map_err(|e| Failure::Retryable(format!("cannot write {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_removed_from_connection_strings() {
+        assert_eq!(
+            redact_url("postgres://app:S3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db/x?sslmode=require&password=S3cret&a=b"),
+            "postgres://app@db/x?sslmode=require&password=***&a=b"
+        );
+        assert_eq!(
+            redact_url("host=db PASSWORD='a b c' dbname=x"),
+            "host=db PASSWORD=*** dbname=x"
+        );
+        assert_eq!(
+            redact_url("host=db password=S3cret"),
+            "host=db password=***"
+        );
+        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
+    }
 }

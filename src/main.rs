@@ -8,6 +8,15 @@ use reencrypt::error::Failure;
 use reencrypt::{exit, report, telemetry};
 
 fn main() -> ExitCode {
+    // Like other command-line tools, end quietly when the reader of standard
+    // output goes away (`reencrypt status | head`) instead of panicking on
+    // the failed write. The work is committed batch by batch before any
+    // output, so nothing is lost.
+    // SAFETY: setting a signal's disposition to the default before any
+    // thread starts has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {

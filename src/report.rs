@@ -216,12 +216,32 @@ pub fn check_writable(path: &Path) -> std::io::Result<()> {
             "it is a directory",
         ));
     }
+    // The record replaces the file by renaming a new one over it, which
+    // would replace a device or a pipe instead of writing into it.
+    if path.exists() && !path.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "it is not a regular file",
+        ));
+    }
+    let path = report_target(path)?;
     let temporary = path.with_extension("tmp");
     std::fs::File::create(&temporary)?;
     std::fs::remove_file(&temporary)
 }
 
+/// The file a report path names: the target of a symbolic link, so that the
+/// link is kept and the file it points to is replaced.
+fn report_target(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    if path.is_symlink() && path.exists() {
+        std::fs::canonicalize(path)
+    } else {
+        Ok(path.to_path_buf())
+    }
+}
+
 pub fn write_json(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
+    let path = report_target(path)?;
     let temporary = path.with_extension("tmp");
     {
         let mut file = std::fs::File::create(&temporary)?;
@@ -229,7 +249,7 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> std::io::Result<()>
         file.write_all(b"\n")?;
         file.sync_all()?;
     }
-    std::fs::rename(temporary, path)
+    std::fs::rename(temporary, &path)
 }
 
 /// Labels of the outcomes a read-only scan reports, with the keys of

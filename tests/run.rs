@@ -785,6 +785,14 @@ async fn bad_input_exits_2_and_writes_nothing() {
             with_report(args(&["t.secret"], &old.path, &new.path), dir.path()),
             "it is a directory",
         ),
+        (
+            "report path is a device",
+            with_report(
+                args(&["t.secret"], &old.path, &new.path),
+                std::path::Path::new("/dev/null"),
+            ),
+            "not a regular file",
+        ),
     ];
     for (name, arguments, expected) in cases {
         let output = common::binary()
