@@ -208,23 +208,27 @@ impl Keyring {
     }
 }
 
-/// Random bytes for IVs, drawn from the operating system 256 IVs at a time
-/// instead of with one system call per value.
+/// IVs drawn from the operating system in one system call.
+const IVS_PER_DRAW: usize = 256;
+
+/// Random bytes for IVs, drawn from the operating system `IVS_PER_DRAW` IVs
+/// at a time instead of with one system call per value.
 struct IvPool {
-    bytes: [u8; IV_BYTES * 256],
+    bytes: [u8; IV_BYTES * IVS_PER_DRAW],
     next: usize,
 }
 
 thread_local! {
     static IV_POOL: RefCell<IvPool> = const {
         RefCell::new(IvPool {
-            bytes: [0; IV_BYTES * 256],
-            next: IV_BYTES * 256,
+            bytes: [0; IV_BYTES * IVS_PER_DRAW],
+            next: IV_BYTES * IVS_PER_DRAW,
         })
     };
 }
 
-/// A fresh random IV. Each IV is handed out once.
+/// Returns a fresh random IV. Each IV is handed out once and then erased
+/// from the pool.
 fn fresh_iv() -> Result<[u8; IV_BYTES], getrandom::Error> {
     IV_POOL.with(|pool| {
         let mut pool = pool.borrow_mut();

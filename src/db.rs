@@ -19,8 +19,8 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Transaction};
 
-/// The statement timeout, at the least, of a sweep's sequential scan for
-/// changed rows: one hour.
+/// Minimum statement timeout of a sweep's sequential scan for changed rows:
+/// one hour.
 pub const CHANGED_SCAN_TIMEOUT_MS: u64 = 3_600_000;
 
 /// How long the first connection may take before the server counts as unreachable.
@@ -82,9 +82,8 @@ impl Database {
     /// Begins a transaction with this job's timeouts, in one round trip.
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         // A commit is acknowledged only once it is on disk, even where the
-        // server's default is `synchronous_commit = off`. A batch whose
-        // acknowledged commit vanished in a crash would be lost to the sweep,
-        // which trusts that rows written by the pass's transactions stay so.
+        // server's default is `synchronous_commit = off`. The sweep trusts
+        // that a batch acknowledged as committed stays committed.
         let begin = self.begin_statement("BEGIN");
         self.pool
             .begin_with(format!("{begin}; SET LOCAL synchronous_commit = on"))

@@ -10,8 +10,7 @@ use reencrypt::{exit, report, telemetry};
 fn main() -> ExitCode {
     // Like other command-line tools, end quietly when the reader of standard
     // output goes away (`reencrypt status | head`) instead of panicking on
-    // the failed write. The work is committed batch by batch before any
-    // output, so nothing is lost.
+    // the failed write. Commands print only after their work is committed.
     // SAFETY: setting a signal's disposition to the default before any
     // thread starts has no memory-safety preconditions.
     unsafe {

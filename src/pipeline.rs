@@ -150,9 +150,9 @@ pub struct RangeOutcome {
     pub writers: Vec<u32>,
 }
 
-/// Converts an epoch-qualified transaction ID from `txid_current()` to the
-/// 32-bit ID that rows' `xmin` holds.
-fn xid32(full: i64) -> u32 {
+/// Converts an epoch-qualified transaction ID, such as `txid_current()`
+/// returns, to the 32-bit ID that a row's `xmin` contains.
+pub(crate) fn xid32(full: i64) -> u32 {
     (full as u64 & u64::from(u32::MAX)) as u32
 }
 
@@ -169,6 +169,12 @@ struct Batch {
 impl Batch {
     fn len(&self) -> usize {
         self.values.len()
+    }
+
+    /// Tells whether the fetch stopped at the row limit or the byte limit.
+    fn is_full(&self, limit: usize, max_bytes: usize) -> bool {
+        self.len() >= limit
+            || self.values.iter().flatten().map(String::len).sum::<usize>() >= max_bytes
     }
 
     fn key_of(&self, row: usize) -> Vec<String> {
@@ -310,9 +316,7 @@ pub async fn run_range(
                 // Each page of changed rows costs a sequential scan of the
                 // table. When many rows changed, reading the rest in key order
                 // costs less.
-                let bytes: usize = batch.values.iter().flatten().map(String::len).sum();
-                let full = batch.len() >= limit || bytes >= settings.batch.max_bytes;
-                if work.changed_since.is_some() && full {
+                if work.changed_since.is_some() && batch.is_full(limit, settings.batch.max_bytes) {
                     full_changed_pages += 1;
                     if full_changed_pages >= FULL_CHANGED_PAGES_BEFORE_KEYSET {
                         tracing::info!(target = %work.target_label, "Many rows changed since the pass; the sweep reads the rest of the span whole, in key order.");
@@ -633,9 +637,9 @@ async fn write_with_retry(
     }
 }
 
-/// Tells whether the range's checkpoint is already at the batch's last key,
-/// which means the batch committed and only the reply to its COMMIT was lost. Writing it
-/// again would find every row changed and count the batch twice.
+/// Tells whether the range's checkpoint is already at the batch's last key.
+/// Then the batch committed and only the reply to its COMMIT was lost, and
+/// writing it again would count the batch twice.
 async fn already_committed(
     settings: &PipelineSettings,
     statements: &Statements,
@@ -838,15 +842,15 @@ async fn write(
 
     // A sweep re-reads rows the main pass already counted, so it reports only
     // what it rotated; summaries and metrics then count every row once.
-    if pass == Pass::Sweep {
-        let counts = Counts {
+    let counts = match pass {
+        Pass::Main => counts,
+        Pass::Sweep => Counts {
             sweep_reencrypted: counts.reencrypted,
             conflicts: counts.conflicts,
             batches: 1,
             ..Counts::default()
-        };
-        return Ok((counts, writer));
-    }
+        },
+    };
     Ok((counts, writer))
 }
 
@@ -921,7 +925,7 @@ async fn update<'a>(
     for (ord, stored_as_written) in returned {
         let row = rows[(ord - 1) as usize];
         if !stored_as_written {
-            tracing::warn!(key = %key_label(&batch.key_of(row)), "The row stores another value than the one written (a trigger changed it); it is reported.");
+            tracing::warn!(key = %key_label(&batch.key_of(row)), "The row contains another value than the one written, so a trigger changed it; it is reported as rejected.");
             outcomes[row] = Outcome::WriteRejected;
         }
         written.push(row);

@@ -171,10 +171,10 @@ pub fn render_run(summary: &RunSummary) -> String {
         out.push_str("other shards of this job still have ranges to do\n");
     }
     if !summary.attention.is_empty() {
-        let shown = summary.attention.len() as i64;
-        if summary.attention_total > shown {
+        let listed = summary.attention.len() as i64;
+        if summary.attention_total > listed {
             out.push_str(&format!(
-                "rows left unchanged that need attention, the first {shown} of {} (target, key, outcome; `--report-limit` shows more):\n",
+                "rows left unchanged that need attention, the first {listed} of {} (target, key, outcome; `--report-limit` shows more):\n",
                 summary.attention_total
             ));
         } else {
@@ -230,8 +230,8 @@ pub fn check_writable(path: &Path) -> std::io::Result<()> {
     std::fs::remove_file(&temporary)
 }
 
-/// The file a report path names: the target of a symbolic link, so that the
-/// link is kept and the file it points to is replaced.
+/// Resolves a report path to the file to replace: the target of a symbolic
+/// link, so that the link itself is kept.
 fn report_target(path: &Path) -> std::io::Result<std::path::PathBuf> {
     if path.is_symlink() && path.exists() {
         std::fs::canonicalize(path)

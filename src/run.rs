@@ -205,10 +205,7 @@ async fn ensure_ranges(
 ) -> Result<Vec<RangeRecord>, sqlx::Error> {
     let label = target.label();
     let mut tx = db.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(format!("reencrypt job {job}"))
-        .execute(&mut *tx)
-        .await?;
+    checkpoint::lock_job(&mut tx, job).await?;
     let existing = checkpoint::load_ranges(&mut tx, schema, job, &label).await?;
     if !existing.is_empty() {
         tx.commit().await?;
@@ -745,9 +742,7 @@ async fn finish(
         .map_err(|e| Failure::from_database(context, &e))?;
     // Shards that finish together take turns. The last one to count the open
     // ranges then finds every other shard's ranges done and marks the job finished.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(format!("reencrypt job {job}"))
-        .execute(&mut *tx)
+    checkpoint::lock_job(&mut tx, job)
         .await
         .map_err(|e| Failure::from_database(context, &e))?;
     let open: i64 = sqlx::query_scalar(&format!(

@@ -19,8 +19,9 @@ use crate::pipeline::{ChangedSince, RangeWork};
 /// distance, well inside the 2^31 over which `age()` compares 32-bit IDs.
 const MAX_XID_DISTANCE: i64 = 1 << 30;
 
-/// Before PostgreSQL 15 the list of writers is searched row by row; past
+/// Before PostgreSQL 15 the list of writers is searched row by row. Past
 /// this length the sweep reads every row instead.
+/// NOTE: an estimate, not measured; only PostgreSQL 15 was available to test.
 const MAX_WRITERS_UNHASHED: usize = 1000;
 
 /// The facts a filtered sweep relies on, read in one query before the pass
@@ -74,9 +75,9 @@ impl TableState {
         self.server_started == since.server_started
     }
 
-    /// Returns the horizon as the 32-bit ID that rows' `xmin` holds.
+    /// Returns the horizon as the 32-bit ID that a row's `xmin` contains.
     pub fn horizon_xid(&self) -> u32 {
-        (self.horizon as u64 & u64::from(u32::MAX)) as u32
+        crate::pipeline::xid32(self.horizon)
     }
 
     /// Checks that a sweep now may read only rows changed since `since`, the
@@ -155,7 +156,7 @@ pub struct PassRecord {
     /// Why a sweep could not filter, once one could not: from then on every
     /// round reads the whole target, since the pass's writers may have done
     /// more than the pass while the reason held.
-    refused: Option<String>,
+    unfiltered_reason: Option<String>,
     /// Taken before the pass, then before each sweep round.
     pub horizon: TableState,
     /// This process's transactions that wrote rows of the target.
@@ -170,7 +171,7 @@ impl PassRecord {
         PassRecord {
             horizon: before.clone(),
             before,
-            refused: None,
+            unfiltered_reason: None,
             writers: Vec::new(),
             started_from: Vec::new(),
         }
@@ -179,12 +180,12 @@ impl PassRecord {
     /// Checks that the sweep round about to start may read only changed
     /// rows, given the table's state `now`; returns the reason when it may not.
     pub fn may_filter(&mut self, now: &TableState) -> Result<(), String> {
-        if self.refused.is_none() {
+        if self.unfiltered_reason.is_none() {
             if let Err(reason) = now.allows_filter_since(&self.before, self.writers.len()) {
-                self.refused = Some(reason);
+                self.unfiltered_reason = Some(reason);
             }
         }
-        match &self.refused {
+        match &self.unfiltered_reason {
             Some(reason) => Err(reason.clone()),
             None => Ok(()),
         }

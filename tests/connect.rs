@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{binary, output_text, KeyFile};
 
-/// A local port that nothing listens on.
+/// Returns a local port that nothing listens on.
 fn closed_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
@@ -36,7 +36,7 @@ fn attempt(command: &str, url: &str, old: &KeyFile, new: &KeyFile) -> (i32, Stri
 }
 
 #[test]
-fn connection_failures_are_named_at_once() {
+fn connection_failures_named_at_once() {
     let old = KeyFile::generate();
     let new = KeyFile::generate();
     let unreachable = format!("postgres://postgres@127.0.0.1:{}/test", closed_port());

@@ -13,8 +13,8 @@ use reencrypt::classify::{decrypt_to_string, encrypt_string};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// A TCP proxy to the local PostgreSQL that, on the `drop_at`-th COMMIT
-/// following a checkpoint statement, passes the COMMIT on, lets the server
+/// Starts a TCP proxy to the local PostgreSQL. On the `drop_at`-th COMMIT
+/// after a checkpoint statement, it passes the COMMIT on, lets the server
 /// commit, and closes the connection before the reply reaches the client.
 async fn lossy_proxy(drop_at: usize) -> (u16, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -71,7 +71,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 #[tokio::test]
-async fn lost_commit_reply_counts_the_batch_once() {
+async fn lost_commit_reply_counts_once() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();

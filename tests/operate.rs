@@ -1165,7 +1165,7 @@ async fn final_sweep_rotates_concurrent_writes() {
 }
 
 #[tokio::test]
-async fn final_sweep_reads_in_key_order_when_many_rows_changed() {
+async fn many_changes_sweep_in_key_order() {
     // Pages of 5 rows fill up after a few dozen rows written behind the run.
     let stderr = sweep_after_concurrent_writes("5").await;
     assert!(

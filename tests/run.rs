@@ -334,18 +334,18 @@ async fn assert_all_rotated(db: &TestDb, table: &str, rows: i64, new: &Key) {
 }
 
 #[tokio::test]
-async fn keys_with_a_length_or_precision_page_forward() {
+async fn typmod_keys_page_forward() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
-    // A cast to `character` without its length cuts a key to one character,
-    // and a cast to `numeric` without its scale keeps it; both types must
-    // page with their full declared type.
+    // A cast to `character` without its length cuts a key to one character.
+    // Both tables page only with their keys' full declared types.
     db.exec(
         "CREATE TABLE fixed (k char(8) PRIMARY KEY, secret text); \
          CREATE TABLE bits (k bit(6), n numeric(6,2), secret text, PRIMARY KEY (k, n))",
     )
     .await;
+
     for id in 0..60i64 {
         let value = encrypt_string(&old.key, &format!("plaintext-of-row-{id:06}"));
         sqlx::query("INSERT INTO fixed VALUES (lpad($1::text, 8, 'x'), $2)")
@@ -361,6 +361,7 @@ async fn keys_with_a_length_or_precision_page_forward() {
             .await
             .unwrap();
     }
+
     let (code, summary, text) = run_json(
         run_command(
             &db,
@@ -376,6 +377,7 @@ async fn keys_with_a_length_or_precision_page_forward() {
         assert_eq!(counts["rows_scanned"], 60, "{text}");
         assert_eq!(counts["reencrypted"], 60, "{text}");
     }
+
     let output = common::binary()
         .args([
             "verify",
@@ -395,7 +397,7 @@ async fn keys_with_a_length_or_precision_page_forward() {
 }
 
 #[tokio::test]
-async fn progress_estimate_counts_a_table_never_analyzed() {
+async fn estimate_counts_unanalyzed_table() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();

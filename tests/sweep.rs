@@ -96,7 +96,7 @@ async fn sweep_reads_nothing_when_nothing_changed() {
 }
 
 #[tokio::test]
-async fn sweep_after_a_resume_reads_what_an_earlier_run_passed() {
+async fn sweep_rereads_spans_before_resume() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -169,7 +169,7 @@ async fn sweep_after_a_resume_reads_what_an_earlier_run_passed() {
 }
 
 #[tokio::test]
-async fn sweep_reads_whole_ranges_passed_by_an_earlier_run() {
+async fn sweep_rereads_ranges_done_earlier() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -208,7 +208,7 @@ async fn sweep_reads_whole_ranges_passed_by_an_earlier_run() {
 }
 
 #[tokio::test]
-async fn sweep_reads_every_row_of_a_table_with_triggers() {
+async fn sweep_with_triggers_reads_all() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -236,7 +236,7 @@ async fn sweep_reads_every_row_of_a_table_with_triggers() {
 }
 
 #[tokio::test]
-async fn sweep_reads_every_row_after_a_table_joins_the_target() {
+async fn sweep_after_inherit_reads_all() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -301,7 +301,7 @@ async fn state(db: &TestDb, table: &str) -> TableState {
 }
 
 #[tokio::test]
-async fn table_state_tells_when_rows_xmin_cannot_be_trusted() {
+async fn table_state_detects_untrusted_xmin() {
     let db = TestDb::new().await;
     db.exec(
         "CREATE TABLE p (id bigint PRIMARY KEY, secret text) PARTITION BY RANGE (id); \
@@ -373,7 +373,7 @@ async fn table_state_tells_when_rows_xmin_cannot_be_trusted() {
 }
 
 #[tokio::test]
-async fn sweep_findings_past_the_report_limit_still_exit_3() {
+async fn sweep_findings_past_limit_exit_3() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -418,7 +418,7 @@ async fn sweep_findings_past_the_report_limit_still_exit_3() {
 }
 
 #[tokio::test]
-async fn rows_a_trigger_keeps_unchanged_are_reported() {
+async fn trigger_kept_rows_are_reported() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -452,7 +452,7 @@ async fn rows_a_trigger_keeps_unchanged_are_reported() {
 }
 
 #[tokio::test]
-async fn sweeps_that_do_not_settle_exit_3() {
+async fn unsettled_sweeps_exit_3() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -468,8 +468,8 @@ async fn sweeps_that_do_not_settle_exit_3() {
     assert_eq!(code, 0, "{text}");
     put(&db, 40, &old.key, "written after the pass").await;
 
-    // One sweep rotates the row; with no further sweep to show that none
-    // remain, the run cannot claim that every value is under the new key.
+    // One sweep rotates the row. No further sweep shows that none remain,
+    // so the run cannot claim that every value is under the new key.
     let (code, summary, text) = run_json(
         run_command(&db, &["t.secret"], &[&old.path], &new.path).args([
             "--job",

@@ -213,7 +213,7 @@ pub fn run_json(command: &mut Command) -> (i32, serde_json::Value, String) {
     (code, json, text)
 }
 
-/// A count from the summary's first target.
+/// Returns a count from the summary's first target.
 pub fn first_target_count(summary: &serde_json::Value, name: &str) -> i64 {
     summary["targets"][0]["counts"][name]
         .as_i64()
