@@ -49,7 +49,7 @@ impl Database {
         max_connections: u32,
         timeouts: Timeouts,
     ) -> Result<Database, sqlx::Error> {
-        let options = PgConnectOptions::from_str(url)?
+        let options = connect_options(url)?
             .application_name("reencrypt")
             // No statement outlives its transaction: a cached one would be
             // missing on the next server connection a pooler hands out, and
@@ -131,6 +131,38 @@ impl Database {
             t.lock_timeout_ms, t.statement_timeout_ms, t.idle_in_transaction_timeout_ms
         )
     }
+}
+
+/// URL schemes that name a PostgreSQL server.
+const URL_SCHEMES: [&str; 2] = ["postgres", "postgresql"];
+
+/// Parses a connection URL. Any scheme but `postgres` and `postgresql` is
+/// rejected before anything connects: the URL parser reads the host and
+/// database of any URL (`http://...` too) and would connect to them. The
+/// error names the scheme but never the rest of the URL, which may contain a
+/// password.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    // The URL parser also ignores leading spaces and control characters.
+    let trimmed = url.trim_start_matches(|c: char| c <= ' ');
+    let scheme = trimmed.split_once(':').map(|(scheme, _)| scheme);
+    if !scheme.is_some_and(|s| URL_SCHEMES.iter().any(|k| s.eq_ignore_ascii_case(k))) {
+        let found = match scheme {
+            Some(s) if is_scheme(s) => format!("unsupported scheme {s}://"),
+            _ => "no valid URL scheme".to_string(),
+        };
+        return Err(sqlx::Error::Configuration(
+            format!("{found}; expected a URL that starts with postgres:// or postgresql://").into(),
+        ));
+    }
+    PgConnectOptions::from_str(url)
+}
+
+/// Checks that `text` has the form of a URL scheme (RFC 3986, section 3.1),
+/// so that it can be shown without showing other parts of a malformed URL.
+fn is_scheme(text: &str) -> bool {
+    let mut chars = text.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
 /// Kinds of transient failure, as used in logs and the retries metric.

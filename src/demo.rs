@@ -48,9 +48,15 @@ pub async fn demo(args: &DemoArgs, stop: Arc<AtomicBool>) -> Result<(RunSummary,
     let table = quote_ident(&args.table);
 
     // Build the table.
+    let options = crate::db::connect_options(&args.database_url).map_err(|e| {
+        Failure::Config(format!(
+            "invalid --database-url: {}",
+            crate::db::describe(&e)
+        ))
+    })?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
-        .connect(&args.database_url)
+        .connect_with(options)
         .await
         .map_err(|e| {
             Failure::from_database(

@@ -422,8 +422,12 @@ fn write_report(path: &std::path::Path, evidence: &Evidence) -> Result<(), Failu
     })
 }
 
-/// Shows jobs, their targets and leases from the checkpoint tables.
+/// Shows jobs, their targets and leases from the checkpoint tables. With
+/// `--job`, fails with exit code 2 when that job does not exist.
 pub async fn status(args: &StatusArgs) -> Result<i32, Failure> {
+    if args.job.as_deref().is_some_and(|j| j.trim().is_empty()) {
+        return Err(Failure::Config("--job must not be empty".into()));
+    }
     let db = connect(&args.database, 1, default_timeouts()).await?;
     let schema = &args.database.schema;
     let context = "cannot read the checkpoint tables";
@@ -435,6 +439,9 @@ pub async fn status(args: &StatusArgs) -> Result<i32, Failure> {
         .map_err(fail)?
     {
         tx.commit().await.map_err(fail)?;
+        if let Some(job) = &args.job {
+            return Err(job_not_found(job, schema, false));
+        }
         match args.format {
             OutputFormat::Table => println!("no jobs (schema {schema} has no checkpoint tables)"),
             OutputFormat::Json => print_json(&serde_json::json!({ "jobs": [] })),
@@ -444,6 +451,11 @@ pub async fn status(args: &StatusArgs) -> Result<i32, Failure> {
     let jobs = checkpoint::load_jobs(&mut tx, schema, args.job.as_deref())
         .await
         .map_err(fail)?;
+    if let Some(job) = &args.job {
+        if jobs.is_empty() {
+            return Err(job_not_found(job, schema, true));
+        }
+    }
     let progress = checkpoint::load_target_progress(&mut tx, schema, args.job.as_deref())
         .await
         .map_err(fail)?;
@@ -463,10 +475,7 @@ pub async fn status(args: &StatusArgs) -> Result<i32, Failure> {
     match args.format {
         OutputFormat::Table => {
             if jobs.is_empty() {
-                match &args.job {
-                    Some(job) => println!("no job named {job}"),
-                    None => println!("no jobs"),
-                }
+                println!("no jobs");
             }
             for (job, records) in jobs.iter().zip(&records) {
                 print!("{}", render_job(job, &progress, &leases, records));
@@ -655,18 +664,14 @@ async fn find_job(
         .await
         .map_err(fail)?
     {
-        return Err(Failure::Config(format!(
-            "no job named {job}: schema {schema} has no checkpoint tables"
-        )));
+        return Err(job_not_found(job, schema, false));
     }
     let Some(record) = checkpoint::load_jobs(&mut tx, schema, Some(job))
         .await
         .map_err(fail)?
         .pop()
     else {
-        return Err(Failure::Config(format!(
-            "no job named {job}; `reencrypt status` lists the jobs"
-        )));
+        return Err(job_not_found(job, schema, true));
     };
     let progress = checkpoint::load_target_progress(&mut tx, schema, Some(job))
         .await
@@ -676,6 +681,19 @@ async fn find_job(
         .map_err(fail)?;
     tx.commit().await.map_err(fail)?;
     Ok((record, progress, leases))
+}
+
+/// Builds the error for a `--job` that names no job in `schema`.
+fn job_not_found(job: &str, schema: &str, schema_exists: bool) -> Failure {
+    if schema_exists {
+        Failure::Config(format!(
+            "no job named {job}; `reencrypt status` lists the jobs"
+        ))
+    } else {
+        Failure::Config(format!(
+            "no job named {job}: schema {schema} has no checkpoint tables"
+        ))
+    }
 }
 
 /// Describes a live lease for a refusal message.

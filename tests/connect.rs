@@ -1,11 +1,16 @@
 //! Connection failures are named at the start: an unreachable server exits 1
-//! (worth retrying) and a missing database exits 2, each within seconds.
+//! (worth retrying) and a missing database exits 2, each within seconds. A
+//! URL that does not name a PostgreSQL server exits 2 before any connection.
 
 mod common;
 
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{binary, output_text, KeyFile};
+use common::{binary, output_text, KeyFile, TestDb};
 
 /// Returns a local port that nothing listens on.
 fn closed_port() -> u16 {
@@ -56,5 +61,174 @@ fn connection_failures_named_at_once() {
         assert_eq!(code, 2, "{command}: {text}");
         assert!(text.contains("does not exist"), "{command}: {text}");
         assert!(took < Duration::from_secs(10), "{command} took {took:?}");
+    }
+}
+
+/// A local listener that counts and closes every connection made to it.
+struct CountingListener {
+    port: u16,
+    connections: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CountingListener {
+    fn start() -> CountingListener {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let connections = connections.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        // Dropping the stream closes it, so a client fails at once.
+                        Ok(_) => {
+                            connections.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+        };
+        CountingListener {
+            port,
+            connections,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Runs `reencrypt <command>` with `url` and every other option it needs.
+fn run_with_url(command: &str, url: &str, old: &KeyFile, new: &KeyFile) -> (i32, String) {
+    let mut process = binary();
+    process.args([command, "--database-url", url]);
+    match command {
+        "run" | "plan" | "verify" => {
+            process
+                .args(["--target", "t.secret", "--old-key-file"])
+                .arg(&old.path)
+                .arg("--new-key-file")
+                .arg(&new.path);
+            if command == "run" {
+                process.args(["--metrics-listen", "off"]);
+            }
+        }
+        "reset" => {
+            process.args(["--job", "j", "--yes"]);
+        }
+        "release" => {
+            process.args(["--job", "j"]);
+        }
+        "demo" => {
+            process.args(["--rows", "10"]);
+        }
+        _ => {}
+    }
+    let output = process.stdin(std::process::Stdio::null()).output().unwrap();
+    (output.status.code().unwrap_or(-1), output_text(&output))
+}
+
+#[test]
+fn database_url_scheme_rejected_before_connecting() {
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let listener = CountingListener::start();
+    let port = listener.port;
+    let password = "S3cretPassw0rd";
+    let cases = [
+        (
+            format!("http://app:{password}@127.0.0.1:{port}/test"),
+            "unsupported scheme http://",
+        ),
+        (
+            format!("mysql://app:{password}@127.0.0.1:{port}/test"),
+            "unsupported scheme mysql://",
+        ),
+        (
+            format!("app:{password}@127.0.0.1:{port}/test"),
+            "unsupported scheme app://",
+        ),
+        (
+            format!("127.0.0.1:{port}/test?password={password}"),
+            "no valid URL scheme",
+        ),
+    ];
+
+    for command in [
+        "run", "plan", "verify", "status", "reset", "release", "demo",
+    ] {
+        for (url, expected) in &cases {
+            let (code, text) = run_with_url(command, url, &old, &new);
+            assert_eq!(code, 2, "{command} {expected}: {text}");
+            assert!(text.contains("invalid --database-url"), "{command}: {text}");
+            assert!(text.contains(expected), "{command}: {text}");
+            assert!(
+                text.contains("postgres:// or postgresql://"),
+                "{command}: {text}"
+            );
+            assert!(
+                !text.contains(password),
+                "{command} shows the password: {text}"
+            );
+        }
+    }
+    assert_eq!(
+        listener.connections(),
+        0,
+        "a command connected to a URL it should have rejected"
+    );
+}
+
+#[tokio::test]
+async fn database_url_postgres_schemes_accepted() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let socket_directory = "/var/run/postgresql";
+    let mut urls = vec![
+        db.url.clone(),
+        db.url.replacen("postgres://", "postgresql://", 1),
+        db.url.replacen("postgres://", "POSTGRES://", 1),
+    ];
+    // NOTE: the socket forms are checked only against the default server,
+    // and only where it has its socket in the Debian default directory.
+    let default_server = std::env::var_os("REENCRYPT_TEST_PG").is_none();
+    if default_server
+        && std::path::Path::new(socket_directory)
+            .join(".s.PGSQL.5432")
+            .exists()
+    {
+        urls.push(format!(
+            "postgres://postgres@%2Fvar%2Frun%2Fpostgresql/{}",
+            db.name
+        ));
+        urls.push(format!(
+            "postgresql:///{}?host={socket_directory}&user=postgres",
+            db.name
+        ));
+    }
+
+    for url in &urls {
+        let (code, text) = run_with_url("status", url, &old, &new);
+        assert_eq!(code, 0, "{url}: {text}");
+        assert!(text.contains("no jobs"), "{url}: {text}");
     }
 }

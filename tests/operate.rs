@@ -705,6 +705,11 @@ async fn status_shows_progress_of_running_job() {
     let mut seen: Option<serde_json::Value> = None;
     while Instant::now() < deadline {
         let (code, status, text) = json_output(job_command("status", &db).args(["--job", "slow"]));
+        // Until the run creates the job, status exits 2 for the unknown name.
+        if code == 2 && text.contains("no job named slow") {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
         assert_eq!(code, 0, "{text}");
         let scanned = status["jobs"][0]["targets"][0]["rows_scanned"]
             .as_i64()
@@ -748,6 +753,70 @@ async fn status_shows_progress_of_running_job() {
     assert_eq!(job["leases"], serde_json::json!([]));
     assert_eq!(job["latest_records"][0]["command"], "run");
     assert_eq!(number(&job["latest_records"][0], "exit_code"), 0);
+}
+
+#[tokio::test]
+async fn status_rejects_unknown_job() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+
+    // No checkpoint tables yet: a named job is missing, and the list is empty.
+    let (code, text) = plain_output(job_command("status", &db).args(["--job", "nosuch"]));
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("no job named nosuch"), "{text}");
+    assert!(text.contains("has no checkpoint tables"), "{text}");
+    let (code, status, text) = json_output(job_command("status", &db).args(["--job", "nosuch"]));
+    assert_eq!(code, 2, "{text}");
+    assert_eq!(
+        status,
+        serde_json::Value::Null,
+        "no JSON on an error: {text}"
+    );
+    let (code, text) = plain_output(&mut job_command("status", &db));
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("no jobs"), "{text}");
+    assert!(
+        !schema_exists(&db).await,
+        "status must not create the schema"
+    );
+
+    fill(&db, 50, &old.key).await;
+    let (code, text) =
+        plain_output(run_command(&db, &[TARGET], &[&old.path], &new.path).args(["--job", "done"]));
+    assert_eq!(code, 0, "{text}");
+
+    // The tables exist and hold another job.
+    let (code, text) = plain_output(job_command("status", &db).args(["--job", "nosuch"]));
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("no job named nosuch"), "{text}");
+    assert!(!text.contains("job done"), "{text}");
+    let (code, status, text) = json_output(job_command("status", &db).args(["--job", "nosuch"]));
+    assert_eq!(code, 2, "{text}");
+    assert_eq!(
+        status,
+        serde_json::Value::Null,
+        "no JSON on an error: {text}"
+    );
+    let (code, text) = plain_output(job_command("status", &db).args(["--job", " "]));
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--job must not be empty"), "{text}");
+    let (code, text) = plain_output(job_command("status", &db).args(["--job", "done"]));
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("job done (finished)"), "{text}");
+
+    // The tables exist but hold no job.
+    let (code, text) = plain_output(job_command("reset", &db).args(["--job", "done", "--yes"]));
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = plain_output(&mut job_command("status", &db));
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("no jobs"), "{text}");
+    let (code, status, text) = json_output(&mut job_command("status", &db));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(status["jobs"], serde_json::json!([]), "{text}");
+    let (code, text) = plain_output(job_command("status", &db).args(["--job", "done"]));
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("no job named done"), "{text}");
 }
 
 #[tokio::test]
