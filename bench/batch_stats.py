@@ -5,8 +5,8 @@ usage: batch_stats.py LOG START END TIME_OUTPUT
 
 LOG is the run's standard error with --log-format json and
 RUST_LOG=reencrypt::pipeline=debug. START and END are the Unix times around
-the process. Prints how the wall time splits into setup, keyset pass, sweep
-and finish. Then prints percentiles of the keyset pass's batches (rows and
+the process. Prints how the wall time splits into setup, pass, sweep
+and finish. Then prints percentiles of the pass's batches (rows and
 fetch, crypto and write milliseconds) and the peak resident set size.
 """
 
@@ -55,13 +55,13 @@ def main():
         pass_end = last_range_done
         sweep_end = last_sweep_done or last_range_done
         print(
-            f"  phases: setup {first_range - start:.2f} s, keyset pass {pass_end - first_range:.2f} s, "
+            f"  phases: setup {first_range - start:.2f} s, pass {pass_end - first_range:.2f} s, "
             f"sweep {sweep_end - pass_end:.2f} s ({len(batches['Sweep'])} batches), "
             f"finish {end - sweep_end:.2f} s"
         )
     main_pass = batches["Main"]
     if main_pass:
-        print(f"  keyset pass: {len(main_pass)} batches, ms per batch (p50 / p95 / p99 / max):")
+        print(f"  pass: {len(main_pass)} batches, ms per batch (p50 / p95 / p99 / max):")
         for field, label in (("rows", "rows"), ("fetch_ms", "fetch"), ("crypto_ms", "crypto"), ("write_ms", "write")):
             values = [float(b[field]) for b in main_pass]
             figures = " / ".join(f"{percentile(values, q):.0f}" for q in (0.50, 0.95, 0.99)) + f" / {max(values):.0f}"

@@ -8,7 +8,8 @@
 # with pgcrypto) in the database reencrypt_bench, created if missing. Then, each
 # time on a fresh copy of the table after VACUUM ANALYZE and CHECKPOINT:
 #   1. the floor: one `UPDATE credentials SET client_secret = client_secret || ''`;
-#   2. the release binary, once per writer count in BENCH_WRITERS;
+#   2. the release binary, once per scan order in BENCH_ORDERS and writer
+#      count in BENCH_WRITERS;
 # and prints rows/s, the ratio to the floor, the time spent before the first
 # range, in the keyset pass and in the final sweep, batch latency percentiles
 # and peak RSS. Each product run is checked: every row must read under the
@@ -17,6 +18,7 @@
 # Environment:
 #   BENCH_SERVER   server URL without a database (default postgres://postgres@127.0.0.1:5432)
 #   BENCH_WRITERS  --writers counts to measure, e.g. "1 2 4" (default 1)
+#   BENCH_ORDERS   --scan-order values to measure, e.g. "key physical" (default key)
 #   BENCH_ARGS     extra arguments for every product run, e.g. "--max-sweeps 0"
 #   BENCH_KEEP     directory to keep logs and summaries in (default: a temporary one)
 #   BENCH_NO_BUILD set to 1 to measure target/release/reencrypt as it is
@@ -106,9 +108,10 @@ end=$(now)
 floor_rate=$(rate "$start" "$end")
 printf 'floor: one UPDATE over %d rows: %.2f s, %d rows/s\n' "$rows" "$(python3 -c "print($end - $start)")" "$floor_rate"
 
-# Runs the product with the given writer count and prints its figures.
+# Runs the product with the given scan order and writer count and prints its figures.
 measure() {
-  local writers=$1 log="$work/writers-$1.log" summary="$work/writers-$1.json" timing="$work/writers-$1.time"
+  local order=$1 writers=$2
+  local log="$work/$order-$writers.log" summary="$work/$order-$writers.json" timing="$work/$order-$writers.time"
   fresh
   local start end code=0
   start=$(now)
@@ -117,7 +120,7 @@ measure() {
     "$binary" --log-format json run \
     --database-url "$url" --target credentials.client_secret \
     --old-key-file "$work/old.key" --new-key-file "$work/new.key" \
-    --metrics-listen off --progress off --format json --writers "$writers" ${BENCH_ARGS:-} \
+    --metrics-listen off --progress off --format json --scan-order "$order" --writers "$writers" ${BENCH_ARGS:-} \
     >"$summary" 2>"$log" || code=$?
   end=$(now)
   if [ "$code" -ne 0 ]; then
@@ -128,15 +131,17 @@ measure() {
   local product_rate readable
   product_rate=$(rate "$start" "$end")
   readable=$(readable_under_new)
-  printf 'product, %d writer(s): %.2f s, %d rows/s, %.2f x the floor, rows readable under the new key: %d of %d\n' \
-    "$writers" "$(python3 -c "print($end - $start)")" "$product_rate" \
+  printf 'product, %s order, %d writer(s): %.2f s, %d rows/s, %.2f x the floor, rows readable under the new key: %d of %d\n' \
+    "$order" "$writers" "$(python3 -c "print($end - $start)")" "$product_rate" \
     "$(python3 -c "print($product_rate / $floor_rate)")" "$readable" "$rows"
   python3 "$here/batch_stats.py" "$log" "$start" "$end" "$timing"
   [ "$readable" -eq "$rows" ] || { echo "error: $((rows - readable)) rows do not read under the new key" >&2; return 1; }
 }
 
 failed=0
-for writers in ${BENCH_WRITERS:-1}; do
-  measure "$writers" || failed=1
+for order in ${BENCH_ORDERS:-key}; do
+  for writers in ${BENCH_WRITERS:-1}; do
+    measure "$order" "$writers" || failed=1
+  done
 done
 exit "$failed"

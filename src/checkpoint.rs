@@ -347,6 +347,8 @@ pub type RangeBounds = (Option<Vec<String>>, Option<Vec<String>>);
 pub struct RangeRecord {
     pub target: String,
     pub range_index: i32,
+    /// The key columns the bounds are in; `ctid` alone for a pass in physical order.
+    pub key_columns: Vec<String>,
     pub lower_key: Option<Vec<String>>,
     pub upper_key: Option<Vec<String>>,
     pub last_key: Option<Vec<String>>,
@@ -364,7 +366,7 @@ pub async fn load_ranges(
 ) -> Result<Vec<RangeRecord>, sqlx::Error> {
     let q = quote_ident(schema);
     let rows = sqlx::query(&format!(
-        "SELECT target, range_index, lower_key, upper_key, last_key, status, rows_estimated, {COUNT_COLUMNS} \
+        "SELECT target, range_index, key_columns, lower_key, upper_key, last_key, status, rows_estimated, {COUNT_COLUMNS} \
          FROM {q}.ranges WHERE job = $1 AND target = $2 ORDER BY range_index"
     ))
     .bind(job)
@@ -376,6 +378,7 @@ pub async fn load_ranges(
             Ok(RangeRecord {
                 target: row.try_get("target")?,
                 range_index: row.try_get("range_index")?,
+                key_columns: row.try_get("key_columns")?,
                 lower_key: row.try_get("lower_key")?,
                 upper_key: row.try_get("upper_key")?,
                 last_key: row.try_get("last_key")?,
@@ -385,6 +388,50 @@ pub async fn load_ranges(
             })
         })
         .collect()
+}
+
+/// Records `horizon` as the horizon of the pass in physical order of each
+/// of a target's ranges that has none yet, in one statement. Returns each
+/// range's index, recorded horizon and upper bound.
+pub async fn pin_pass_horizon(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+    target: &str,
+    horizon: i64,
+) -> Result<Vec<(i32, i64, Option<Vec<String>>)>, sqlx::Error> {
+    let q = quote_ident(schema);
+    sqlx::query_as(&format!(
+        "UPDATE {q}.ranges SET pass_horizon = COALESCE(pass_horizon, $3) \
+         WHERE job = $1 AND target = $2 RETURNING range_index, pass_horizon, upper_key"
+    ))
+    .bind(job)
+    .bind(target)
+    .bind(horizon)
+    .fetch_all(conn)
+    .await
+}
+
+/// Moves a range's upper bound.
+pub async fn set_range_upper(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+    target: &str,
+    range_index: i32,
+    upper: &[String],
+) -> Result<(), sqlx::Error> {
+    let q = quote_ident(schema);
+    sqlx::query(&format!(
+        "UPDATE {q}.ranges SET upper_key = $4 WHERE job = $1 AND target = $2 AND range_index = $3"
+    ))
+    .bind(job)
+    .bind(target)
+    .bind(range_index)
+    .bind(upper)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Inserts the layout of a target's ranges. Callers hold the job's advisory

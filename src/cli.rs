@@ -205,6 +205,18 @@ pub struct RunArgs {
     #[arg(long, env = "REENCRYPT_SHARD_COUNT", default_value_t = 1)]
     pub shard_count: u32,
 
+    /// Order of the pass. `key` pages through the key's index. `physical`
+    /// reads the table block by block, without random reads of the table,
+    /// but its writes reach the key's index at random. `physical` needs
+    /// PostgreSQL 14 or later, a table without partitions or child tables,
+    /// one shard and at least one sweep: a row the application updates
+    /// during the pass may move behind it. A run that resumes the pass ends
+    /// with a sweep of every row. `auto` takes `physical` where it can for a
+    /// table over 4 times the server's `shared_buffers`, `key` otherwise.
+    /// Fixed for the life of a job.
+    #[arg(long, env = "REENCRYPT_SCAN_ORDER", value_enum, default_value_t = ScanOrder::Auto)]
+    pub scan_order: ScanOrder,
+
     /// Final sweeps after the keyset pass: read the rows changed since the pass
     /// read them, for values under an old key (written by stale application
     /// replicas), and rotate them. 0 turns sweeps off.
@@ -265,6 +277,18 @@ pub struct OutputArgs {
     /// Seconds between progress log lines when not on a terminal.
     #[arg(long, env = "REENCRYPT_PROGRESS_INTERVAL_SECS", default_value_t = DEFAULT_PROGRESS_INTERVAL_SECS)]
     pub progress_interval_secs: u64,
+}
+
+/// The order a pass reads a table in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScanOrder {
+    /// Physical order for a table much larger than the server's cache,
+    /// where it is possible; key order otherwise.
+    Auto,
+    /// By key, through the key's index.
+    Key,
+    /// By row position (`ctid`), block by block.
+    Physical,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

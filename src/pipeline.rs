@@ -114,6 +114,46 @@ pub struct RangeWork {
     pub upper: Option<Vec<String>>,
     /// Read only rows changed since this point (a sweep after a pass).
     pub changed_since: Option<Arc<ChangedSince>>,
+    /// Read in physical order: `after` and `upper` are then row positions
+    /// (`ctid`), both exclusive.
+    pub physical: Option<PhysicalScan>,
+}
+
+/// A pass in physical order, block by block. A row that is not updated
+/// stays where it is, so the pass reads it once. An updated row gets a new
+/// version, maybe in a block the pass has already passed. The sweep after
+/// the pass reads every row written since the horizon. It also detects a
+/// rewrite of the table, which moves every row.
+///
+/// The pass reads every row it meets. Among the rows written since the
+/// horizon it meets again the ones it rewrote itself: those already under
+/// the new key are left out of the batch, so that no row counts twice.
+#[derive(Debug, Clone, Copy)]
+pub struct PhysicalScan {
+    /// The horizon of the pass, as a 32-bit ID.
+    pub horizon: u32,
+}
+
+/// Blocks in the first window of a pass in physical order; later windows
+/// are sized from the rows found per block.
+const FIRST_WINDOW_BLOCKS: u64 = 16;
+
+/// The largest window of a pass in physical order, in blocks (128 MiB of
+/// 8 KiB blocks). Empty blocks, after a large delete, still take a fetch per
+/// window to pass over.
+const MAX_WINDOW_BLOCKS: u64 = 1 << 14;
+
+/// Formats the position at the start of `block`, before its first row.
+pub fn block_start(block: u64) -> String {
+    format!("({block},0)")
+}
+
+/// Reads the block number of a row position such as `(12,3)`.
+pub fn block_of(position: &str) -> Option<u64> {
+    let inner = position.strip_prefix('(')?.strip_suffix(')')?;
+    let (block, offset) = inner.split_once(',')?;
+    offset.parse::<u16>().ok()?;
+    block.parse().ok()
 }
 
 /// The filter of a sweep after a pass of this process. The sweep reads the
@@ -163,6 +203,14 @@ struct Batch {
     values: Vec<Option<String>>,
     /// Each row's `ctid` when it was read, as text.
     positions: Vec<String>,
+    /// Where the batch ends, for the checkpoint: the last key, or in
+    /// physical order the position the next batch reads after.
+    end: Vec<String>,
+    /// Read in physical order.
+    physical: bool,
+    /// In physical order, whether each row's version is as new as the
+    /// pass's horizon or newer; empty otherwise.
+    newer: Vec<bool>,
     fetch_seconds: f64,
 }
 
@@ -181,18 +229,34 @@ impl Batch {
         self.keys.iter().map(|column| column[row].clone()).collect()
     }
 
+    /// Where a batch ending at `row` ends, for the checkpoint.
+    fn end_at(&self, row: usize) -> Vec<String> {
+        if self.physical {
+            vec![self.positions[row].clone()]
+        } else {
+            self.key_of(row)
+        }
+    }
+
     /// Splits into two halves, first half first.
     fn split(mut self) -> (Batch, Batch) {
         let half = self.len() / 2;
         let tail_keys = self.keys.iter_mut().map(|c| c.split_off(half)).collect();
         let tail_values = self.values.split_off(half);
         let tail_positions = self.positions.split_off(half);
+        let tail_newer = self.newer.split_off(half.min(self.newer.len()));
         let tail = Batch {
             keys: tail_keys,
             values: tail_values,
             positions: tail_positions,
+            end: std::mem::take(&mut self.end),
+            physical: self.physical,
+            newer: tail_newer,
             fetch_seconds: 0.0,
         };
+        if half > 0 {
+            self.end = self.end_at(half - 1);
+        }
         (self, tail)
     }
 }
@@ -204,6 +268,37 @@ struct ClassifiedBatch {
 }
 
 impl ClassifiedBatch {
+    /// Leaves out the rows of a pass in physical order that are newer than
+    /// its horizon and already under the new key: rows the pass rewrote and
+    /// then met again, or rows written under the new key since. Rows under
+    /// an old key stay, whatever their age.
+    fn without_rewritten(mut self) -> ClassifiedBatch {
+        let keep: Vec<bool> = (0..self.batch.len())
+            .map(|r| {
+                !(self.batch.newer.get(r).copied().unwrap_or(false)
+                    && self.decisions[r].outcome == Outcome::Current)
+            })
+            .collect();
+        if keep.iter().all(|k| *k) {
+            return self;
+        }
+        fn retain<T>(items: &mut Vec<T>, keep: &[bool]) {
+            let mut row = 0;
+            items.retain(|_| {
+                row += 1;
+                keep[row - 1]
+            });
+        }
+        for column in &mut self.batch.keys {
+            retain(column, &keep);
+        }
+        retain(&mut self.batch.values, &keep);
+        retain(&mut self.batch.positions, &keep);
+        retain(&mut self.batch.newer, &keep);
+        retain(&mut self.decisions, &keep);
+        self
+    }
+
     fn split(self) -> (ClassifiedBatch, ClassifiedBatch) {
         let mut decisions = self.decisions;
         let tail_decisions = decisions.split_off(self.batch.len() / 2);
@@ -258,71 +353,97 @@ pub async fn run_range(
             let mut after = work.after.clone();
             let mut work = work;
             let mut full_changed_pages = 0;
+            let mut window = FIRST_WINDOW_BLOCKS;
+            // Returns true once the range is exhausted, false when it stopped early.
             loop {
                 if settings.stop.load(Ordering::SeqCst)
                     || settings.lease_lost.load(Ordering::SeqCst)
                 {
-                    return;
+                    return false;
                 }
                 // Fetch only once the channel has room, so that the next batch
                 // is the only one waiting besides the one being written.
                 let Ok(permit) = sender.reserve().await else {
-                    return;
+                    return false;
                 };
                 let limit = batch_rows.load(Ordering::Relaxed);
-                let mut fetched = None;
-                if work.changed_since.is_some() {
-                    match fetch(&settings, &statements, &work, after.as_deref(), limit).await {
-                        Ok(batch) => fetched = Some(Ok(batch)),
-                        Err(error)
-                            if db::transient_kind(&error)
-                                == Some(TransientKind::StatementTimeout) =>
-                        {
-                            tracing::info!(target = %work.target_label, "The scan for changed rows timed out; the sweep reads the rest of the span whole, in key order.");
-                            work.changed_since = None;
+                let batch = if let Some(scan) = work.physical {
+                    match next_in_physical_order(
+                        &settings,
+                        &statements,
+                        &work,
+                        scan,
+                        &mut after,
+                        &mut window,
+                        limit,
+                    )
+                    .await
+                    {
+                        Ok(Some(batch)) => batch,
+                        Ok(None) => return true,
+                        Err(error) => {
+                            permit.send(Err(error));
+                            return false;
                         }
-                        // Other errors take the retries below.
-                        Err(_) => {}
                     }
-                }
-                let fetched = match fetched {
-                    Some(batch) => batch,
-                    None => {
-                        fetch_with_retry(&settings, &statements, &work, after.as_deref(), limit)
-                            .await
+                } else {
+                    let mut fetched = None;
+                    if work.changed_since.is_some() {
+                        match fetch(&settings, &statements, &work, after.as_deref(), limit).await {
+                            Ok(batch) => fetched = Some(Ok(batch)),
+                            Err(error)
+                                if db::transient_kind(&error)
+                                    == Some(TransientKind::StatementTimeout) =>
+                            {
+                                tracing::info!(target = %work.target_label, "The scan for changed rows timed out; the sweep reads the rest of the span whole, in key order.");
+                                work.changed_since = None;
+                            }
+                            // Other errors take the retries below.
+                            Err(_) => {}
+                        }
                     }
-                };
-                let batch = match fetched {
-                    Ok(batch) => batch,
-                    Err(error) => {
-                        permit.send(Err(error));
-                        return;
+                    let fetched = match fetched {
+                        Some(batch) => batch,
+                        None => {
+                            fetch_with_retry(&settings, &statements, &work, after.as_deref(), limit)
+                                .await
+                        }
+                    };
+                    let batch = match fetched {
+                        Ok(batch) => batch,
+                        Err(error) => {
+                            permit.send(Err(error));
+                            return false;
+                        }
+                    };
+                    if batch.len() == 0 {
+                        return true;
                     }
-                };
-                if batch.len() == 0 {
-                    return;
-                }
-                let next = Some(batch.key_of(batch.len() - 1));
-                // Keyset paging must move forward. A key that reads back as
-                // the same bound would fetch the same rows forever.
-                if next == after {
-                    permit.send(Err(RangeError::Database(format!(
+                    let next = Some(batch.key_of(batch.len() - 1));
+                    // Keyset paging must move forward. A key that reads back as
+                    // the same bound would fetch the same rows forever.
+                    if next == after {
+                        permit.send(Err(RangeError::Database(format!(
                         "the paging key did not advance past {}; the key's type may not round-trip through text",
                         next.as_deref().map(key_label).unwrap_or_default()
                     ))));
-                    return;
-                }
-                after = next;
-                // Each page of changed rows costs a sequential scan of the
-                // table. When many rows changed, reading the rest in key order
-                // costs less.
-                if work.changed_since.is_some() && batch.is_full(limit, settings.batch.max_bytes) {
-                    full_changed_pages += 1;
-                    if full_changed_pages >= FULL_CHANGED_PAGES_BEFORE_KEYSET {
-                        tracing::info!(target = %work.target_label, "Many rows changed since the pass; the sweep reads the rest of the span whole, in key order.");
-                        work.changed_since = None;
+                        return false;
                     }
-                }
+                    after = next;
+                    // Each page of changed rows costs a sequential scan of the
+                    // table. When many rows changed, reading the rest in key order
+                    // costs less.
+                    if work.changed_since.is_some()
+                        && batch.is_full(limit, settings.batch.max_bytes)
+                    {
+                        full_changed_pages += 1;
+                        if full_changed_pages >= FULL_CHANGED_PAGES_BEFORE_KEYSET {
+                            tracing::info!(target = %work.target_label, "Many rows changed since the pass; the sweep reads the rest of the span whole, in key order.");
+                            work.changed_since = None;
+                        }
+                    }
+                    batch
+                };
 
                 let keyring = settings.keyring.clone();
                 let started = Instant::now();
@@ -337,11 +458,14 @@ pub async fn run_range(
                 })
                 .await;
                 let crypto_seconds = started.elapsed().as_secs_f64();
-                let classified = ClassifiedBatch {
+                let mut classified = ClassifiedBatch {
                     batch,
                     decisions,
                     crypto_seconds,
                 };
+                if classified.batch.physical {
+                    classified = classified.without_rewritten();
+                }
                 permit.send(Ok(classified));
             }
         })
@@ -368,6 +492,7 @@ pub async fn run_range(
             .await;
 
         let rows = next.batch.len();
+        let physical = next.batch.physical;
         let fetch_seconds = next.batch.fetch_seconds;
         let crypto_seconds = next.crypto_seconds;
         let started = Instant::now();
@@ -396,9 +521,10 @@ pub async fn run_range(
                 settings
                     .progress
                     .advance(&work.target_label, pass, counts.rows_scanned as u64);
-                adapt_batch_size(&settings.batch, &batch_rows, rows, write_seconds);
+                adapt_batch_size(&settings.batch, &batch_rows, rows, physical, write_seconds);
             }
-            Ok(WriteResult::Split(head, tail)) => {
+            Ok(WriteResult::Split(halves)) => {
+                let (head, tail) = *halves;
                 tracing::warn!(target = %work.target_label, rows, "Batch timed out; retrying it as two smaller batches.");
                 let smaller = (rows / 2).max(settings.batch.min_rows);
                 batch_rows.store(smaller, Ordering::Relaxed);
@@ -413,7 +539,23 @@ pub async fn run_range(
     };
 
     drop(receiver);
-    let _ = reader.await;
+    let exhausted = match reader.await {
+        Ok(exhausted) => exhausted,
+        Err(error) => {
+            return Err(RangeError::Database(format!(
+                "the fetch task failed: {error}"
+            )))
+        }
+    };
+    // The reader also ends without an error when it sees a stop, maybe
+    // before its first batch: the range is then not done.
+    if result.is_ok() && !exhausted {
+        return Err(if settings.lease_lost.load(Ordering::SeqCst) {
+            RangeError::LeaseLost
+        } else {
+            RangeError::Interrupted
+        });
+    }
     result.map(|_| totals)
 }
 
@@ -422,14 +564,23 @@ fn adapt_batch_size(
     sizing: &BatchSizing,
     batch_rows: &std::sync::atomic::AtomicUsize,
     rows: usize,
+    physical: bool,
     write_seconds: f64,
 ) {
     let Some(target) = sizing.target_duration else {
         return;
     };
     let current = batch_rows.load(Ordering::Relaxed);
-    if rows < current {
-        return; // A short batch (end of range, byte cap) tells nothing about the right size.
+    // A short batch (end of range, byte cap) tells nothing about the right
+    // size. In physical order a window of blocks holds about the limit, a
+    // little more or less, so a batch within a tenth of it counts as full.
+    let full = if physical {
+        current - current / 10
+    } else {
+        current
+    };
+    if rows < full {
+        return;
     }
     let target = target.as_secs_f64();
     let next = if write_seconds < target / 2.0 {
@@ -530,32 +681,163 @@ async fn fetch(
             .bind(changed.writer_list());
     }
 
-    let key_len = statements.key_len;
-    let mut batch = Batch {
-        keys: vec![Vec::with_capacity(limit); key_len],
-        values: Vec::with_capacity(limit),
-        positions: Vec::with_capacity(limit),
-        fetch_seconds: 0.0,
+    let mut batch = read_batch(
+        &mut tx,
+        query,
+        statements.key_len,
+        settings.batch.max_bytes,
+        false,
+    )
+    .await?;
+    release_buffers(&mut tx);
+    tx.commit().await?;
+    if batch.len() > 0 {
+        batch.end = batch.key_of(batch.len() - 1);
+    }
+    batch.fetch_seconds = started.elapsed().as_secs_f64();
+    Ok(batch)
+}
+
+/// Reads the next batch of a pass in physical order and moves `after` past
+/// it. Each fetch reads one window of blocks, so that it touches only those;
+/// `window` is resized toward `limit` rows per window, and halved when a
+/// fetch times out. A batch may be empty: its checkpoint still records that
+/// the pass moved on. Returns `None` at the range's end.
+async fn next_in_physical_order(
+    settings: &PipelineSettings,
+    statements: &Statements,
+    work: &RangeWork,
+    scan: PhysicalScan,
+    after: &mut Option<Vec<String>>,
+    window: &mut u64,
+    limit: usize,
+) -> Result<Option<Batch>, RangeError> {
+    let block = |bound: Option<&Vec<String>>| {
+        bound
+            .and_then(|parts| parts.first())
+            .and_then(|position| block_of(position))
+            .ok_or_else(|| {
+                RangeError::Database(format!(
+                    "the range's row position {bound:?} is not a position (block,offset)"
+                ))
+            })
     };
-    let mut bytes = 0usize;
-    {
-        let mut rows = query.fetch(&mut *tx);
-        while let Some(row) = rows.try_next().await? {
-            for (column, keys) in batch.keys.iter_mut().enumerate() {
-                keys.push(row.try_get::<String, _>(column)?);
+    let end = block(work.upper.as_ref())?;
+    let from = after.as_ref().map_or(Ok(0), |_| block(after.as_ref()))?;
+    if from >= end {
+        return Ok(None);
+    }
+    let lower = after
+        .as_ref()
+        .map_or_else(|| block_start(0), |p| p[0].clone());
+    let (until, mut batch) = loop {
+        let until = from.saturating_add(*window).min(end);
+        let upper = block_start(until);
+        match fetch_physical(settings, statements, &lower, &upper, scan, limit).await {
+            Ok(batch) => break (until, batch),
+            Err(error)
+                if *window > 1
+                    && db::transient_kind(&error) == Some(TransientKind::StatementTimeout) =>
+            {
+                *window /= 2;
+                tracing::info!(target = %work.target_label, blocks = *window, "A window of the pass timed out; it is read in smaller windows.");
             }
-            let value: Option<String> = row.try_get(key_len)?;
-            batch.positions.push(row.try_get(key_len + 1)?);
-            bytes += value.as_ref().map_or(0, String::len);
-            batch.values.push(value);
-            if bytes >= settings.batch.max_bytes {
-                break;
+            // Other errors take the retries below.
+            Err(_) => {
+                let batch = with_retry(settings, "fetch", &work.target_label, || {
+                    fetch_physical(settings, statements, &lower, &upper, scan, limit)
+                })
+                .await?;
+                break (until, batch);
             }
         }
+    };
+    if batch.is_full(limit, settings.batch.max_bytes) {
+        // The window holds more than a batch: the next one starts after the
+        // last row read, in a smaller window.
+        *window = (*window / 2).max(1);
+        batch.end = batch.end_at(batch.len() - 1);
+    } else {
+        let blocks = until - from;
+        *window = if batch.len() == 0 {
+            blocks.saturating_mul(4)
+        } else {
+            (blocks.saturating_mul(limit as u64) / batch.len() as u64)
+                .clamp(1, blocks.saturating_mul(4))
+        }
+        .clamp(1, MAX_WINDOW_BLOCKS);
+        batch.end = vec![block_start(until)];
     }
+    *after = Some(batch.end.clone());
+    Ok(Some(batch))
+}
+
+/// Reads the rows between two positions, both exclusive, in position order,
+/// with whether each is newer than the pass's horizon; capped in rows and bytes.
+async fn fetch_physical(
+    settings: &PipelineSettings,
+    statements: &Statements,
+    lower: &str,
+    upper: &str,
+    scan: PhysicalScan,
+    limit: usize,
+) -> Result<Batch, sqlx::Error> {
+    let started = Instant::now();
+    let mut tx = settings.db.begin_read_only().await?;
+    let query = sqlx::query(&statements.physical_fetch)
+        .bind(lower)
+        .bind(upper)
+        .bind(scan.horizon.to_string())
+        .bind(limit as i64);
+    let mut batch = read_batch(
+        &mut tx,
+        query,
+        statements.key_len,
+        settings.batch.max_bytes,
+        true,
+    )
+    .await?;
     release_buffers(&mut tx);
     tx.commit().await?;
     batch.fetch_seconds = started.elapsed().as_secs_f64();
+    Ok(batch)
+}
+
+/// Reads a fetch's rows (keys, value, position) into a batch, stopping once
+/// the values reach `max_bytes`.
+async fn read_batch(
+    tx: &mut Transaction<'static, Postgres>,
+    query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    key_len: usize,
+    max_bytes: usize,
+    physical: bool,
+) -> Result<Batch, sqlx::Error> {
+    let mut batch = Batch {
+        keys: vec![Vec::new(); key_len],
+        values: Vec::new(),
+        positions: Vec::new(),
+        end: Vec::new(),
+        physical,
+        newer: Vec::new(),
+        fetch_seconds: 0.0,
+    };
+    let mut bytes = 0usize;
+    let mut rows = query.fetch(&mut **tx);
+    while let Some(row) = rows.try_next().await? {
+        for (column, keys) in batch.keys.iter_mut().enumerate() {
+            keys.push(row.try_get::<String, _>(column)?);
+        }
+        let value: Option<String> = row.try_get(key_len)?;
+        batch.positions.push(row.try_get(key_len + 1)?);
+        if physical {
+            batch.newer.push(row.try_get(key_len + 2)?);
+        }
+        bytes += value.as_ref().map_or(0, String::len);
+        batch.values.push(value);
+        if bytes >= max_bytes {
+            break;
+        }
+    }
     Ok(batch)
 }
 
@@ -570,7 +852,7 @@ enum WriteResult {
     /// Committed; the transaction's ID when every row it wrote carries it.
     Committed(Counts, Option<u32>),
     /// The batch timed out: process these halves instead.
-    Split(ClassifiedBatch, ClassifiedBatch),
+    Split(Box<(ClassifiedBatch, ClassifiedBatch)>),
 }
 
 async fn write_with_retry(
@@ -617,7 +899,7 @@ async fn write_with_retry(
                 if kind == TransientKind::StatementTimeout && batch.batch.len() > 1 {
                     metrics::record_retry(kind.label());
                     let (head, tail) = batch.split();
-                    return Ok(WriteResult::Split(head, tail));
+                    return Ok(WriteResult::Split(Box::new((head, tail))));
                 }
                 let elapsed = started.elapsed();
                 if attempt >= settings.retry.max_attempts || elapsed >= settings.retry.max_elapsed {
@@ -659,7 +941,7 @@ async fn already_committed(
         .await?
         .flatten();
     tx.commit().await?;
-    Ok(position == Some(batch.key_of(batch.len() - 1)))
+    Ok(position.as_ref() == Some(&batch.end))
 }
 
 /// Counts a batch as classified, for a batch whose commit is known only from
@@ -798,14 +1080,14 @@ async fn write(
     // The checkpoint commits with the batch, and only while the lease is ours.
     let transaction: Option<i64> = match pass {
         Pass::Main => {
-            let last_key = batch.key_of(batch.len() - 1);
+            let last_key = &batch.end;
             sqlx::query_scalar(&statements.checkpoint)
                 .bind(&settings.job)
                 .bind(&work.target_label)
                 .bind(work.range_index)
                 .bind(settings.shard)
                 .bind(&settings.holder.token)
-                .bind(&last_key)
+                .bind(last_key)
                 .bind(counts.rows_scanned)
                 .bind(counts.reencrypted)
                 .bind(counts.current)
@@ -905,7 +1187,11 @@ async fn update<'a>(
     new_value: impl Fn(usize) -> &'a str,
     outcomes: &mut [Outcome],
 ) -> Result<Vec<usize>, sqlx::Error> {
-    let mut query = sqlx::query_as::<_, (i64, bool)>(&statements.write);
+    let statement = match batch.physical {
+        true => &statements.write_in_key_order,
+        false => &statements.write,
+    };
+    let mut query = sqlx::query_as::<_, (i64, bool)>(statement);
     for column in &batch.keys {
         let keys: Vec<&str> = rows.iter().map(|&r| column[r].as_str()).collect();
         query = query.bind(keys);
@@ -984,6 +1270,9 @@ async fn resolve_conflicts(
             .collect(),
         values: current.iter().map(|(_, v)| v.clone()).collect(),
         positions,
+        end: Vec::new(),
+        physical: false,
+        newer: Vec::new(),
         fetch_seconds: 0.0,
     };
     let mut reread_outcomes: Vec<Outcome> = decisions.iter().map(|d| d.outcome).collect();

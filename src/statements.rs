@@ -11,9 +11,16 @@ pub struct Statements {
     /// Keyset fetch, by which bounds are present and whether only changed
     /// rows are read; see `Statements::fetch`.
     fetch: [String; 8],
+    /// Fetch in physical order, for a pass with `--scan-order physical`:
+    /// rows after a position (`ctid`, exclusive) and before another, in
+    /// position order, up to a limit. After the position comes whether the
+    /// row's version is as new as a horizon or newer.
+    pub physical_fetch: String,
     /// Compare-and-swap update from arrays; returns the ordinals written and
     /// whether each row stores the value written.
     pub write: String,
+    /// `write` for rows not in key order: it sorts them by key first.
+    pub write_in_key_order: String,
     /// Whether `write` also takes the rows' positions (`ctid`), as its last array.
     pub by_position: bool,
     /// Locks rows by key and reads their current values and positions;
@@ -70,9 +77,9 @@ impl Statements {
         // the inclusive upper bound's, then the row limit, then for a sweep of
         // changed rows the horizon and the writers (see `ChangedSince`).
         // The row's position comes last, after the value; see `by_position`.
-        let select = format!(
-            "SELECT {key_text}, t.{column}::text AS value, t.ctid::text AS row_position FROM {table} AS t"
-        );
+        let columns =
+            format!("{key_text}, t.{column}::text AS value, t.ctid::text AS row_position");
+        let select = format!("SELECT {columns} FROM {table} AS t");
         let order = format!("ORDER BY {key_list}");
         let fetch_variant = |has_lower: bool, has_upper: bool, changed: bool| -> String {
             let mut next = 1;
@@ -103,6 +110,13 @@ impl Statements {
             format!("{select}{filter} {order} LIMIT ${limit}")
         };
         let fetch = std::array::from_fn(|i| fetch_variant(i & 1 != 0, i & 2 != 0, i & 4 != 0));
+        // `age()` compares IDs modulo 2^32. A frozen row keeps its original
+        // `xmin`, which after 2^31 more transactions looks newer than the
+        // horizon, so the flag may only ever save work, never skip a row.
+        let physical_fetch = format!(
+            "SELECT {columns}, age(t.xmin) <= age($3::text::xid) AS newer FROM {table} AS t \
+             WHERE t.ctid > $1::tid AND t.ctid < $2::tid ORDER BY t.ctid LIMIT $4"
+        );
 
         // Arrays: one text[] per key column, then old values, then new values,
         // then, in a single table, the rows' positions.
@@ -129,13 +143,32 @@ impl Statements {
             ("", "")
         };
         // COLLATE "C" makes the comparison byte-exact whatever the column's collation.
-        let write = format!(
-            "UPDATE {table} AS t SET {column} = u.new_value \
-             FROM unnest({arrays}) WITH ORDINALITY AS u({}, old_value, new_value{position_column}, ord) \
-             WHERE {position_join}{join_keys} AND t.{column}::text COLLATE \"C\" = u.old_value COLLATE \"C\" \
-             RETURNING u.ord, t.{column}::text COLLATE \"C\" IS NOT DISTINCT FROM u.new_value COLLATE \"C\"",
+        let rows = format!(
+            "unnest({arrays}) WITH ORDINALITY AS u({}, old_value, new_value{position_column}, ord)",
             array_columns.join(", ")
         );
+        // Rows are written in the order given, and each write also inserts
+        // the row's new version into the key's index. In key order those
+        // inserts reach each index page once. In physical order they reach
+        // pages at random, and the first change of a page after a
+        // checkpoint writes the whole page to the WAL.
+        let key_order = target
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("u.k{}::{}", i + 1, k.type_name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let write_from = |from: &str| {
+            format!(
+                "UPDATE {table} AS t SET {column} = u.new_value FROM {from} \
+                 WHERE {position_join}{join_keys} AND t.{column}::text COLLATE \"C\" = u.old_value COLLATE \"C\" \
+                 RETURNING u.ord, t.{column}::text COLLATE \"C\" IS NOT DISTINCT FROM u.new_value COLLATE \"C\""
+            )
+        };
+        let write = write_from(&rows);
+        let write_in_key_order =
+            write_from(&format!("(SELECT * FROM {rows} ORDER BY {key_order}) AS u"));
         let lock_arrays = (1..=key_len)
             .map(|i| format!("${i}::text[]"))
             .collect::<Vec<_>>()
@@ -191,7 +224,9 @@ impl Statements {
         Statements {
             key_len,
             fetch,
+            physical_fetch,
             write,
+            write_in_key_order,
             by_position,
             lock,
             checkpoint,

@@ -38,6 +38,9 @@ pub struct TableState {
     server_version: i32,
     /// The target and every table below it (inheritance or partitions), by OID.
     relations: String,
+    /// Each of those tables' file: a rewrite (`VACUUM FULL`, `CLUSTER`,
+    /// `TRUNCATE`, some `ALTER TABLE`) gives it a new one and moves every row.
+    files: String,
     /// The reason rows' `xmin` cannot be trusted for this table, if any.
     unsuitable: Option<String>,
 }
@@ -46,12 +49,13 @@ impl TableState {
     /// Reads the state of the target's table now.
     pub async fn read(db: &Database, quoted_table: &str) -> Result<TableState, sqlx::Error> {
         let mut tx = db.begin_read_only().await?;
-        let row: (i64, i64, String, i32, String, bool, bool) = sqlx::query_as(STATE_QUERY)
+        let row: (i64, i64, String, i32, String, String, bool, bool) = sqlx::query_as(STATE_QUERY)
             .bind(quoted_table)
             .fetch_one(&mut *tx)
             .await?;
         tx.commit().await?;
-        let (horizon, frontier, server_started, server_version, relations, storage, effects) = row;
+        let (horizon, frontier, server_started, server_version, relations, files, storage, effects) =
+            row;
         let unsuitable = if storage {
             Some("a table below the target is foreign or not stored in heap format".into())
         } else if effects {
@@ -65,8 +69,14 @@ impl TableState {
             server_started,
             server_version,
             relations,
+            files,
             unsuitable,
         })
+    }
+
+    /// Returns why rows' `xmin` cannot be trusted for this table, if so.
+    pub fn unsuitable(&self) -> Option<&str> {
+        self.unsuitable.as_deref()
     }
 
     /// Tells whether the server is the same one as when `since` was read, and
@@ -95,6 +105,11 @@ impl TableState {
                 "tables were attached to or detached from the target since the pass began".into(),
             );
         }
+        if self.files != since.files {
+            return Err(
+                "the table was rewritten since the pass began, which moves its rows".into(),
+            );
+        }
         if self.frontier - since.horizon >= MAX_XID_DISTANCE {
             return Err(
                 "too many transactions ran since the pass began to compare their IDs".into(),
@@ -112,7 +127,7 @@ impl TableState {
 /// The state query. It reads the horizon and frontier of a fresh snapshot,
 /// the server's start time and version, and the tables of the target. Each
 /// table comes with the `xmin` of its inheritance link, which changes when it
-/// is detached and attached again. It also reports whether any table is stored
+/// is detached and attached again, and with its file. It also reports whether any table is stored
 /// outside heap tables, and whether any has a trigger or rule that could
 /// write other rows in a batch's transaction.
 /// Only the triggers that enforce foreign keys without changing rows, and
@@ -129,6 +144,7 @@ SELECT txid_snapshot_xmin(txid_current_snapshot()), \
        pg_postmaster_start_time()::text, \
        current_setting('server_version_num')::int, \
        (SELECT string_agg(oid::text || '/' || link, ',' ORDER BY oid, link) FROM tree), \
+       (SELECT string_agg(oid::text || '/' || coalesce(pg_relation_filenode(oid)::text, ''), ',' ORDER BY oid) FROM tree), \
        EXISTS (SELECT 1 FROM tree JOIN pg_class c ON c.oid = tree.oid \
                WHERE c.relkind NOT IN ('r', 'p') \
                   OR (c.relkind = 'r' AND c.relam <> (SELECT oid FROM pg_am WHERE amname = 'heap'))), \
@@ -243,6 +259,7 @@ pub fn parts(
             after,
             upper,
             changed_since: None,
+            physical: None,
         };
 
     let mut parts = Vec::new();
@@ -286,4 +303,43 @@ pub fn parts(
         }
     }
     parts
+}
+
+/// Lists the parts a sweep round reads after a pass in physical order.
+///
+/// Row positions do not follow keys, so the sweep reads the whole key
+/// space in one part. With `filter`, it reads only changed rows, but on the
+/// first round only if this process passed over every range from its start;
+/// otherwise that round reads every row. The caller clears `filter` when
+/// the ranges' bounds were read before the horizon.
+pub fn physical_parts(
+    label: &str,
+    mine: &[RangeRecord],
+    record: &PassRecord,
+    first_round: bool,
+    filter: bool,
+) -> Vec<RangeWork> {
+    let Some(first) = mine.first() else {
+        return Vec::new();
+    };
+    let passed_all = mine.iter().all(|range| {
+        record
+            .started_from
+            .iter()
+            .any(|(index, start)| *index == range.range_index && *start == range.lower_key)
+    });
+    let changed_since = (filter && (passed_all || !first_round)).then(|| {
+        Arc::new(ChangedSince {
+            horizon: record.horizon.horizon_xid(),
+            writers: record.writers.clone(),
+        })
+    });
+    vec![RangeWork {
+        target_label: label.to_string(),
+        range_index: first.range_index,
+        after: None,
+        upper: None,
+        changed_since,
+        physical: None,
+    }]
 }

@@ -41,7 +41,10 @@ fn is_canonical(value: &str) -> bool {
 
 /// Rotates every vector (plus a value under both A and B) from key A to `new`
 /// and checks the vectors' rule; returns the summary's counts.
-async fn rotate_vectors(new: &KeyFile) -> (i32, HashMap<String, i64>, Vec<String>, i64) {
+async fn rotate_vectors(
+    new: &KeyFile,
+    extra_args: &[&str],
+) -> (i32, HashMap<String, i64>, Vec<String>, i64) {
     let db = TestDb::new().await;
     let vectors = load_vectors();
     let old = KeyFile::from_hex(&vectors.key_a);
@@ -63,12 +66,8 @@ async fn rotate_vectors(new: &KeyFile) -> (i32, HashMap<String, i64>, Vec<String
         .await
         .unwrap();
 
-    let (code, summary, text) = run_json(&mut run_command(
-        &db,
-        &["secrets.value"],
-        &[&old.path],
-        &new.path,
-    ));
+    let (code, summary, text) =
+        run_json(run_command(&db, &["secrets.value"], &[&old.path], &new.path).args(extra_args));
     let after: HashMap<String, Option<String>> = db
         .values("secrets", "id", "value")
         .await
@@ -134,7 +133,7 @@ async fn vectors_rotate_to_key_b() {
     // the value readable under both A and B is ambiguous.
     let vectors = load_vectors();
     let new = KeyFile::from_hex(&vectors.key_b);
-    let (code, counts, attention, readable) = rotate_vectors(&new).await;
+    let (code, counts, attention, readable) = rotate_vectors(&new, &[]).await;
     let total = vectors.vectors.len() as i64 + 1;
     assert_eq!(code, 3, "an ambiguous row makes exit code 3");
     assert_eq!(counts["rows_scanned"], total);
@@ -153,13 +152,29 @@ async fn vectors_rotate_to_key_b() {
 async fn vectors_rotate_to_a_third_key() {
     let vectors = load_vectors();
     let new = KeyFile::generate();
-    let (code, counts, _, readable) = rotate_vectors(&new).await;
+    let (code, counts, _, readable) = rotate_vectors(&new, &[]).await;
     let total = vectors.vectors.len() as i64 + 1;
     assert_eq!(code, 3, "the value under key B is undecryptable");
     assert_eq!(counts["rows_scanned"], total);
     assert_eq!(counts["reencrypted"], readable + 1);
     assert_eq!(counts["undecryptable"], 1);
     assert_eq!(counts["ambiguous"], 0);
+    assert_eq!(counts["not_in_format"], total - readable - 2);
+}
+
+#[tokio::test]
+async fn vectors_rotate_in_physical_order() {
+    // Three rows per batch: many windows, some stopped by the row limit.
+    let vectors = load_vectors();
+    let new = KeyFile::generate();
+    let args = ["--scan-order", "physical", "--batch-size", "3"];
+    let (code, counts, _, readable) = rotate_vectors(&new, &args).await;
+    let total = vectors.vectors.len() as i64 + 1;
+    assert_eq!(code, 3, "the value under key B is undecryptable");
+    assert_eq!(counts["rows_scanned"], total);
+    assert_eq!(counts["reencrypted"], readable + 1);
+    assert_eq!(counts["current"], 0);
+    assert_eq!(counts["undecryptable"], 1);
     assert_eq!(counts["not_in_format"], total - readable - 2);
 }
 

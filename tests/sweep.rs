@@ -7,59 +7,14 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{first_target_count, output_text, run_command, run_json, KeyFile, TestDb};
+use common::{
+    assert_reads, fill, first_target_count, output_text, plaintext, put, run_command, run_json,
+    KeyFile, TestDb,
+};
 use reencrypt::classify::{decrypt_to_string, encrypt_string};
 use reencrypt::db::{Database, Timeouts};
 use reencrypt::keys::Key;
 use reencrypt::sweep::TableState;
-
-/// Fills `t` (bigint key `id`, text `secret`) with old-key values.
-async fn fill(db: &TestDb, rows: i64, old: &Key) {
-    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, secret text NOT NULL)")
-        .await;
-    let ids: Vec<i64> = (1..=rows).collect();
-    let values: Vec<String> = ids
-        .iter()
-        .map(|id| encrypt_string(old, &plaintext(*id)))
-        .collect();
-    sqlx::query("INSERT INTO t SELECT * FROM unnest($1::int8[], $2::text[])")
-        .bind(&ids)
-        .bind(&values)
-        .execute(&db.pool)
-        .await
-        .unwrap();
-}
-
-fn plaintext(id: i64) -> String {
-    format!("the plaintext of row number {id:06}")
-}
-
-/// Writes `plaintext` under `key` into row `id`, inserting it if missing.
-async fn put(db: &TestDb, id: i64, key: &Key, plaintext: &str) {
-    sqlx::query(
-        "INSERT INTO t VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET secret = EXCLUDED.secret",
-    )
-    .bind(id)
-    .bind(encrypt_string(key, plaintext))
-    .execute(&db.pool)
-    .await
-    .unwrap();
-}
-
-/// Asserts every row reads under the new key as `expected(id)`.
-async fn assert_reads(db: &TestDb, new: &Key, rows: i64, expected: impl Fn(i64) -> String) {
-    let after = db.values("t", "id", "secret").await;
-    assert_eq!(after.len() as i64, rows);
-    for (id, value) in after {
-        let id: i64 = id.parse().unwrap();
-        let read = decrypt_to_string(new, value.as_deref().unwrap());
-        assert_eq!(
-            read.as_deref().map(String::as_str),
-            Some(expected(id).as_str()),
-            "row {id}"
-        );
-    }
-}
 
 /// Counts the sweep's committed batches in a debug log in JSON.
 fn sweep_batches(stderr: &[u8]) -> usize {

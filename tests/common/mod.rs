@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use reencrypt::classify::{decrypt_to_string, encrypt_string};
 use reencrypt::keys::Key;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -218,4 +219,54 @@ pub fn first_target_count(summary: &serde_json::Value, name: &str) -> i64 {
     summary["targets"][0]["counts"][name]
         .as_i64()
         .unwrap_or_else(|| panic!("no count {name} in {summary}"))
+}
+
+// A table `t` (bigint key `id`, text `secret`) for tests of whole runs.
+
+/// Fills `t` (bigint key `id`, text `secret`) with old-key values.
+pub async fn fill(db: &TestDb, rows: i64, old: &Key) {
+    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, secret text NOT NULL)")
+        .await;
+    let ids: Vec<i64> = (1..=rows).collect();
+    let values: Vec<String> = ids
+        .iter()
+        .map(|id| encrypt_string(old, &plaintext(*id)))
+        .collect();
+    sqlx::query("INSERT INTO t SELECT * FROM unnest($1::int8[], $2::text[])")
+        .bind(&ids)
+        .bind(&values)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+}
+
+pub fn plaintext(id: i64) -> String {
+    format!("the plaintext of row number {id:06}")
+}
+
+/// Writes `plaintext` under `key` into row `id`, inserting it if missing.
+pub async fn put(db: &TestDb, id: i64, key: &Key, plaintext: &str) {
+    sqlx::query(
+        "INSERT INTO t VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET secret = EXCLUDED.secret",
+    )
+    .bind(id)
+    .bind(encrypt_string(key, plaintext))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+}
+
+/// Asserts every row reads under the new key as `expected(id)`.
+pub async fn assert_reads(db: &TestDb, new: &Key, rows: i64, expected: impl Fn(i64) -> String) {
+    let after = db.values("t", "id", "secret").await;
+    assert_eq!(after.len() as i64, rows);
+    for (id, value) in after {
+        let id: i64 = id.parse().unwrap();
+        let read = decrypt_to_string(new, value.as_deref().unwrap());
+        assert_eq!(
+            read.as_deref().map(String::as_str),
+            Some(expected(id).as_str()),
+            "row {id}"
+        );
+    }
 }

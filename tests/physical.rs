@@ -1,0 +1,296 @@
+//! The pass in physical order (`--scan-order physical`): it reads the table
+//! block by block, counts each row once, and sweeps every row after a resume.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{
+    assert_reads, fill, first_target_count, plaintext, put, run_command, run_json, KeyFile, TestDb,
+};
+use reencrypt::db::{Database, Timeouts};
+use reencrypt::sweep::TableState;
+use tokio::sync::Mutex;
+
+const PHYSICAL: [&str; 2] = ["--scan-order", "physical"];
+
+/// Deletes the last third of `t` and vacuums it, so that the free space is
+/// in blocks ahead of the pass: rows the pass rewrites move there.
+async fn free_space_ahead(db: &TestDb, rows: i64) -> i64 {
+    let remaining = rows * 2 / 3;
+    db.exec(&format!("DELETE FROM t WHERE id > {remaining}"))
+        .await;
+    db.exec("VACUUM t").await;
+    remaining
+}
+
+/// Returns the highest block that holds a row of `t`.
+async fn last_block(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT max((ctid::text::point)[0])::bigint FROM t")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+async fn pass_reads_each_row_once(writers: &str) {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, 6000, &old.key).await;
+    let rows = free_space_ahead(&db, 6000).await;
+    let before = last_block(&db).await;
+
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path)
+            .args(PHYSICAL)
+            .args(["--batch-size", "200", "--writers", writers]),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(first_target_count(&summary, "rows_scanned"), rows, "{text}");
+    assert_eq!(first_target_count(&summary, "reencrypted"), rows, "{text}");
+    assert_eq!(first_target_count(&summary, "current"), 0, "{text}");
+    assert_eq!(
+        first_target_count(&summary, "sweep_reencrypted"),
+        0,
+        "{text}"
+    );
+    assert_eq!(summary["sweep_last_found"], 0, "{text}");
+    assert_reads(&db, &new.key, rows, plaintext).await;
+    // The rewritten rows went to the free space past the rows first read,
+    // so the pass came upon them again and had to leave them.
+    let moved: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM t WHERE (ctid::text::point)[0] > {before}"
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(moved > 0, "no row moved past block {before}");
+}
+
+#[tokio::test]
+async fn physical_pass_counts_rows_once() {
+    pass_reads_each_row_once("1").await;
+}
+
+#[tokio::test]
+async fn physical_pass_with_writers() {
+    pass_reads_each_row_once("3").await;
+}
+
+#[tokio::test]
+async fn physical_pass_with_concurrent_writes() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 4000;
+    fill(&db, rows, &old.key).await;
+
+    let child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .args(PHYSICAL)
+        .args(["--batch-size", "100", "--max-rows-per-second", "2000"])
+        .args(["--progress", "off", "--format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Meanwhile the application rewrites rows under the old key, ahead of
+    // the pass and behind it, and inserts new ones.
+    let written: Arc<Mutex<HashMap<i64, String>>> = Arc::default();
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < Duration::from_millis(1200) {
+        round += 1;
+        for id in [
+            1 + round * 37 % rows,
+            rows - round * 53 % rows,
+            rows + round,
+        ] {
+            let value = format!("rewritten {id} in round {round}");
+            put(&db, id, &old.key, &value).await;
+            written.lock().await.insert(id, value);
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let output = child.wait_with_output().unwrap();
+    let text = common::output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+
+    let written = written.lock().await.clone();
+    let total = rows + round;
+    assert_reads(&db, &new.key, total, |id| {
+        written.get(&id).cloned().unwrap_or_else(|| plaintext(id))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn physical_resume_sweeps_every_row() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, 6000, &old.key).await;
+    // Rows the first run rewrites move ahead of its stopping point, where
+    // the second run meets them again. Room in the first block lets row 1
+    // stay there when it is rewritten, behind the stopping point.
+    let remaining = free_space_ahead(&db, 6000).await;
+    db.exec("DELETE FROM t WHERE id BETWEEN 2 AND 30").await;
+    db.exec("VACUUM t").await;
+    let rows = remaining - 29;
+
+    // The first run stops part-way.
+    let mut child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .args(PHYSICAL)
+        .args(["--batch-size", "100", "--max-rows-per-second", "1500"])
+        .args(["--progress", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(4));
+    let last: Option<Vec<String>> =
+        sqlx::query_scalar("SELECT last_key FROM reencrypt.ranges WHERE range_index = 0")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let last = last.expect("the first run committed a batch");
+    assert!(
+        last[0].starts_with('(') && last[0] != "(0,0)",
+        "the checkpoint is a row position: {last:?}"
+    );
+    let rotated: i64 =
+        sqlx::query_scalar("SELECT rows_scanned FROM reencrypt.ranges WHERE range_index = 0")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(rotated > 0 && rotated < rows, "stopped part-way: {rotated}");
+
+    // Between the runs the application writes under the old key, where the
+    // first run passed and past the end of the table.
+    put(&db, 1, &old.key, "rewritten 1").await;
+    put(&db, remaining + 1, &old.key, "inserted past the end").await;
+    let block: i64 =
+        sqlx::query_scalar("SELECT (ctid::text::point)[0]::bigint FROM t WHERE id = 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(block, 0, "row 1 stays behind the stopping point");
+
+    let (code, summary, text) =
+        run_json(run_command(&db, &["t.secret"], &[&old.path], &new.path).args(PHYSICAL));
+    assert_eq!(code, 0, "{text}");
+    // The rewritten row and the inserted one are rotated by the pass when
+    // they landed ahead of the resume point, by the sweep otherwise. The
+    // rows the first run rewrote are not counted again.
+    assert_eq!(
+        first_target_count(&summary, "rows_scanned")
+            + first_target_count(&summary, "sweep_reencrypted"),
+        rows + 2,
+        "{text}"
+    );
+    assert_eq!(first_target_count(&summary, "current"), 0, "{text}");
+    assert_reads(&db, &new.key, rows + 1, |id| match id {
+        1 => "rewritten 1".to_string(),
+        id if id == remaining + 1 => "inserted past the end".to_string(),
+        id => plaintext(id),
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn physical_order_refuses_what_it_cannot_do() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, 50, &old.key).await;
+    db.exec(
+        "CREATE TABLE p (id bigint PRIMARY KEY, secret text) PARTITION BY RANGE (id); \
+         CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100)",
+    )
+    .await;
+    let rejected = |target: &str, args: &[&str], expected: &str| {
+        let (code, _, text) = run_json(
+            run_command(&db, &[target], &[&old.path], &new.path)
+                .args(PHYSICAL)
+                .args(args),
+        );
+        assert_eq!(code, 2, "{text}");
+        assert!(text.contains(expected), "expected {expected:?} in {text}");
+    };
+    rejected(
+        "p.secret",
+        &[],
+        "public.p.secret is partitioned or has child tables",
+    );
+    rejected("t.secret", &["--shard-count", "2"], "runs as one shard");
+    rejected(
+        "t.secret",
+        &["--max-sweeps", "0"],
+        "--max-sweeps of 1 or more",
+    );
+
+    // A job keeps the order it started with.
+    let (code, _, text) = run_json(&mut run_command(
+        &db,
+        &["t.secret"],
+        &[&old.path],
+        &new.path,
+    ));
+    assert_eq!(code, 0, "{text}");
+    rejected("t.secret", &[], "was started with --scan-order key");
+    assert_reads(&db, &new.key, 50, plaintext).await;
+}
+
+#[tokio::test]
+async fn table_state_detects_rewrite() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    fill(&db, 100, &old.key).await;
+    let timeouts = Timeouts {
+        lock_timeout_ms: 5000,
+        statement_timeout_ms: 30_000,
+        idle_in_transaction_timeout_ms: 60_000,
+    };
+    let database = Database::connect_lazy(&db.url, 1, timeouts).unwrap();
+    let before = TableState::read(&database, "public.t").await.unwrap();
+    assert_eq!(
+        TableState::read(&database, "public.t")
+            .await
+            .unwrap()
+            .allows_filter_since(&before, 1),
+        Ok(())
+    );
+    db.exec("VACUUM FULL t").await;
+    let after = TableState::read(&database, "public.t").await.unwrap();
+    let reason = after.allows_filter_since(&before, 1).unwrap_err();
+    assert!(reason.contains("rewritten"), "{reason}");
+}
+
+#[tokio::test]
+async fn physical_pass_crosses_empty_blocks() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, 6000, &old.key).await;
+    // A mass delete leaves a long run of empty blocks between the rows.
+    db.exec("DELETE FROM t WHERE id BETWEEN 101 AND 5900").await;
+    db.exec("VACUUM t").await;
+
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path)
+            .args(PHYSICAL)
+            .args(["--batch-size", "50"]),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(first_target_count(&summary, "rows_scanned"), 200, "{text}");
+    assert_eq!(first_target_count(&summary, "reencrypted"), 200, "{text}");
+    assert_reads(&db, &new.key, 200, plaintext).await;
+}
