@@ -342,9 +342,10 @@ async fn fetch_key(
 
 /// Under `--scan-order auto`, a table read in physical order must be larger
 /// than this many times the server's `shared_buffers`. Measured on one
-/// 2-core machine with 128 MiB of shared buffers: on a table 1.4 times that
-/// size key order was faster (0.77 against 0.56 times a plain `UPDATE`),
-/// and on one 7 times that size physical order was (0.65 against 0.46).
+/// 2-core machine with 128 MiB of shared buffers, with 1 writer: on a table
+/// 1.4 times that size, key order was faster (0.75 against 0.49 times a
+/// plain `UPDATE`). On one 7 times that size, physical order was faster
+/// (0.61 against 0.50).
 /// NOTE: the crossover between those two sizes was not measured.
 const AUTO_PHYSICAL_FACTOR: i64 = 4;
 
