@@ -504,6 +504,12 @@ pub async fn run(args: &RunArgs, stop: Arc<AtomicBool>) -> Result<RunSummary, Fa
         .await
         .map_err(|e| Failure::from_database("cannot connect to the database", &e))?;
     let targets = resolve_targets(&db, &specs, &unique_keys).await?;
+    if let Some(target) = targets.iter().find(|t| t.instead_rule) {
+        return Err(Failure::Config(
+            crate::target::TargetError::InsteadRule(format!("{}.{}", target.schema, target.table))
+                .to_string(),
+        ));
+    }
     checkpoint::migrate(&db, &args.database.schema)
         .await
         .map_err(|e| Failure::from_database("cannot create the checkpoint tables", &e))?;

@@ -39,6 +39,8 @@ pub enum TargetError {
     NotATable(String, &'static str),
     #[error("table {0} has row-level security that applies to this role, so some rows would be invisible and never rotated; connect as a role with BYPASSRLS, a superuser, or the table's owner when the policy is not forced")]
     RowSecurity(String),
+    #[error("table {0} has a DO INSTEAD rule on UPDATE, so an UPDATE of the table does not write its rows; rotate the table the rule writes to")]
+    InsteadRule(String),
 }
 
 /// Quotes an identifier for SQL, doubling embedded double quotes.
@@ -237,6 +239,8 @@ pub struct Target {
     /// A plain table with no partitions or inheritance children, whose rows a
     /// write can find by their `ctid`.
     pub single_table: bool,
+    /// The table has a DO INSTEAD rule on UPDATE.
+    pub instead_rule: bool,
 }
 
 impl fmt::Display for Target {
@@ -319,10 +323,25 @@ impl Target {
             return Err(TargetError::RowSecurity(display).into());
         }
 
-        // Column and its type.
+        // An UPDATE rewritten into other statements by a DO INSTEAD rule
+        // would not write the rows read; `run` rejects such a target.
+        let instead_rule: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = $1::oid AND ev_type = '2' AND is_instead)",
+        )
+        .bind(oid)
+        .fetch_one(&mut *conn)
+        .await?;
+
+        // Column and its type; a domain counts as the type it is based on.
         let column_type: Option<(String,)> = sqlx::query_as(
-            "SELECT format_type(a.atttypid, NULL) FROM pg_attribute a \
-             WHERE a.attrelid = $1::oid AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+            "WITH RECURSIVE base AS ( \
+               SELECT a.atttypid AS oid FROM pg_attribute a \
+               WHERE a.attrelid = $1::oid AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
+               UNION ALL \
+               SELECT t.typbasetype FROM pg_type t JOIN base ON t.oid = base.oid WHERE t.typtype = 'd' \
+             ) \
+             SELECT format_type(base.oid, NULL) FROM base JOIN pg_type t ON t.oid = base.oid \
+             WHERE t.typtype <> 'd'",
         )
         .bind(oid)
         .bind(&spec.column)
@@ -374,6 +393,7 @@ impl Target {
             index_name,
             estimated_rows,
             single_table: kind == "r" && !has_children,
+            instead_rule,
         })
     }
 }

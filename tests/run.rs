@@ -1065,3 +1065,72 @@ async fn sweep_findings_set_exit_code_3() {
     assert_eq!(output.status.code(), Some(3), "{text}");
     assert!(text.contains("undecryptable"), "{text}");
 }
+
+#[tokio::test]
+async fn instead_rule_target_is_rejected() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let value = encrypt_string(&old.key, "kept as it is");
+    db.exec(
+        "CREATE TABLE ruled (id int PRIMARY KEY, secret text); \
+         CREATE TABLE ruled_log (id int, secret text); \
+         CREATE RULE ruled_update AS ON UPDATE TO ruled WHERE old.id > 0 \
+           DO INSTEAD INSERT INTO ruled_log VALUES (new.id, new.secret)",
+    )
+    .await;
+    sqlx::query("INSERT INTO ruled VALUES (1, $1)")
+        .bind(&value)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    let output = run_command(&db, &["ruled.secret"], &[&old.path], &new.path)
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("table public.ruled has a DO INSTEAD rule on UPDATE"),
+        "{text}"
+    );
+    let after = db.values("ruled", "id", "secret").await;
+    assert_eq!(after, vec![("1".to_string(), Some(value))]);
+}
+
+#[tokio::test]
+async fn domain_over_text_is_rotated() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    db.exec(
+        "CREATE DOMAIN sealed AS text CHECK (VALUE LIKE '%:%'); \
+         CREATE DOMAIN sealed_secret AS sealed; \
+         CREATE TABLE wrapped (id int PRIMARY KEY, secret sealed_secret)",
+    )
+    .await;
+    for id in 1..=3 {
+        sqlx::query("INSERT INTO wrapped VALUES ($1, $2)")
+            .bind(id)
+            .bind(encrypt_string(&old.key, &format!("wrapped {id}")))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+
+    let (code, summary, text) = run_json(&mut run_command(
+        &db,
+        &["wrapped.secret"],
+        &[&old.path],
+        &new.path,
+    ));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(counts(&summary, 0)["reencrypted"], 3, "{text}");
+    for (id, value) in db.values("wrapped", "id", "secret").await {
+        let read = decrypt_to_string(&new.key, value.as_deref().unwrap());
+        assert_eq!(
+            read.as_deref().map(String::as_str),
+            Some(format!("wrapped {id}").as_str())
+        );
+    }
+}
