@@ -46,6 +46,12 @@ pub async fn plan(args: &PlanArgs) -> Result<i32, Failure> {
 
 /// Plans exactly the run that the same options would start (`run --dry-run`).
 pub async fn plan_from_run(args: &RunArgs) -> Result<i32, Failure> {
+    // A dry run writes nothing: neither a report nor the job's checkpoints.
+    if args.restart || args.output.report.is_some() {
+        return Err(Failure::Config(
+            "--dry-run writes nothing, so it takes neither --report nor --restart; use `reencrypt plan --format json` for a record of the plan".into(),
+        ));
+    }
     let inputs = ScanInputs {
         database: &args.database,
         targets: &args.targets,

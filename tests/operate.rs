@@ -251,6 +251,22 @@ async fn plan_leaves_database_unchanged() {
         expected.old_key,
         "{text}"
     );
+    // Options that would write are rejected, not ignored.
+    let report = tempfile::tempdir().unwrap();
+    let report_path = report.path().join("report.json");
+    for extra in [
+        vec!["--restart".to_string()],
+        vec!["--report".to_string(), report_path.display().to_string()],
+    ] {
+        let (code, _, text) = json_output(
+            run_command(&db, &[TARGET], &[&old.path], &new.path)
+                .arg("--dry-run")
+                .args(&extra),
+        );
+        assert_eq!(code, 2, "{extra:?}: {text}");
+        assert!(text.contains("--dry-run writes nothing"), "{text}");
+    }
+    assert!(!report_path.exists());
 
     assert_same_snapshot(
         &before,
