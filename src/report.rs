@@ -197,13 +197,35 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-/// The operator for evidence records: the option, else the OS user.
+/// The operator for evidence records: the option, else the OS user from
+/// `USER` or `LOGNAME`, else the process's account (containers often set
+/// neither variable).
 pub fn operator(option: Option<&str>) -> String {
     option
         .map(str::to_string)
-        .or_else(|| std::env::var("USER").ok())
-        .or_else(|| std::env::var("LOGNAME").ok())
+        .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+        .or_else(|| std::env::var("LOGNAME").ok().filter(|u| !u.is_empty()))
+        .or_else(process_account)
         .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// Names the account the process runs as: its name in `/etc/passwd`, or
+/// `uid N` when it has no entry there.
+fn process_account() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").ok()?.uid();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    Some(account_name(uid, &passwd).unwrap_or_else(|| format!("uid {uid}")))
+}
+
+/// Finds the name of `uid` in the text of a passwd file.
+fn account_name(uid: u32, passwd: &str) -> Option<String> {
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        let name = fields.next()?;
+        let entry_uid: u32 = fields.nth(1)?.parse().ok()?;
+        (entry_uid == uid && !name.is_empty()).then(|| name.to_string())
+    })
 }
 
 /// Writes a JSON document to `path` atomically (temporary file, then rename).
@@ -615,3 +637,20 @@ pub struct Evidence {
 
 /// Layout version written to `Evidence::record_version`.
 pub const EVIDENCE_RECORD_VERSION: u32 = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::account_name;
+
+    #[test]
+    fn account_name_reads_passwd_lines() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\n\
+                      # a comment\n\
+                      broken line\n\
+                      app:x:1000:1000::/home/app:/bin/sh\n";
+        assert_eq!(account_name(0, passwd).as_deref(), Some("root"));
+        assert_eq!(account_name(1000, passwd).as_deref(), Some("app"));
+        assert_eq!(account_name(1001, passwd), None);
+        assert_eq!(account_name(0, ""), None);
+    }
+}

@@ -998,6 +998,29 @@ const EVIDENCE_FIELDS: [&str; 18] = [
 ];
 
 #[tokio::test]
+async fn operator_defaults_to_process_account() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    mixed_table(&db, &old.key, &new.key, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.json");
+
+    let (code, _, text) = json_output(
+        run_command(&db, &[TARGET], &[&old.path], &new.path)
+            .env_remove("USER")
+            .env_remove("LOGNAME")
+            .arg("--report")
+            .arg(&path),
+    );
+    assert_eq!(code, 3, "{text}");
+    let report = read_report(&path, &[&old.key, &new.key]);
+    let operator = report["operator"].as_str().unwrap();
+    assert_ne!(operator, "unknown", "{report}");
+    assert!(!operator.is_empty(), "{report}");
+}
+
+#[tokio::test]
 async fn run_report_records_evidence() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
