@@ -596,6 +596,24 @@ fn adapt_batch_size(
     );
 }
 
+/// Sleeps for `delay` before a retry. A stop request ends the wait at once,
+/// and the range stops instead of retrying, for example, a wait on a row
+/// lock. A batch commits together with its checkpoint, so whether or not
+/// the failed attempt committed, a rerun resumes at the right place.
+async fn wait_to_retry(settings: &PipelineSettings, delay: Duration) -> Result<(), RangeError> {
+    let until = Instant::now() + delay;
+    loop {
+        if settings.stop.load(Ordering::SeqCst) {
+            return Err(RangeError::Interrupted);
+        }
+        let now = Instant::now();
+        if now >= until {
+            return Ok(());
+        }
+        tokio::time::sleep((until - now).min(Duration::from_millis(100))).await;
+    }
+}
+
 /// Runs `operation` with bounded, jittered retries of transient errors.
 async fn with_retry<T, F, Fut>(
     settings: &PipelineSettings,
@@ -630,7 +648,7 @@ where
                 let delay = settings.retry.delay(attempt);
                 metrics::record_retry(kind.label());
                 tracing::warn!(target = %target, operation = what, kind = kind.label(), attempt, delay_ms = delay.as_millis() as u64, error = %db::describe(&error), "Transient database error; retrying.");
-                tokio::time::sleep(delay).await;
+                wait_to_retry(settings, delay).await?;
             }
         }
     }
@@ -913,7 +931,7 @@ async fn write_with_retry(
                 let delay = settings.retry.delay(attempt);
                 metrics::record_retry(kind.label());
                 tracing::warn!(target = %work.target_label, operation = "write", kind = kind.label(), attempt, delay_ms = delay.as_millis() as u64, error = %db::describe(&error), "Transient database error; retrying the batch.");
-                tokio::time::sleep(delay).await;
+                wait_to_retry(settings, delay).await?;
             }
         }
     }

@@ -1134,3 +1134,36 @@ async fn domain_over_text_is_rotated() {
         );
     }
 }
+
+#[tokio::test]
+async fn stop_ends_retries_on_row_lock() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    common::fill(&db, 50, &old.key).await;
+    let before = db.values("t", "id", "secret").await;
+
+    // The application holds a row lock that the first batch needs.
+    let mut lock = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM t WHERE id = 1 FOR UPDATE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let mut child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .args(["--lock-timeout-ms", "300", "--max-retries", "50"])
+        .args(["--retry-budget-secs", "120", "--progress", "off"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    // Still locked: the run stopped without waiting for the lock or its retries.
+    assert_eq!(status.code(), Some(4), "interrupted, not failed");
+    lock.rollback().await.unwrap();
+    assert_eq!(db.values("t", "id", "secret").await, before);
+}
