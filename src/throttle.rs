@@ -23,7 +23,7 @@ pub struct ThrottleSettings {
 pub struct Throttle {
     settings: ThrottleSettings,
     db: Database,
-    /// When the next batch may start under the rate limit.
+    /// The end of the last slot given out under the rate limit.
     next_slot: Mutex<Instant>,
     /// When replication lag was last checked.
     lag_checked: Mutex<Option<Instant>>,
@@ -51,12 +51,14 @@ impl Throttle {
             self.sleep("pause", target, pause).await;
         }
         if let Some(rate) = self.settings.max_rows_per_second {
+            // A batch waits until the end of its own slot, so that no window
+            // from the start ever holds more rows than the rate allows.
             let delay = {
                 let mut next = self.next_slot.lock().await;
                 let now = Instant::now();
                 let start = (*next).max(now);
                 *next = start + Duration::from_secs_f64(rows as f64 / rate.max(0.001));
-                start - now
+                *next - now
             };
             if !delay.is_zero() {
                 self.sleep("rate_limit", target, delay).await;

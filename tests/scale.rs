@@ -359,7 +359,7 @@ async fn rate_limit_bounds_rows_per_second() {
     let rows = 4000;
     fill_uuid(&db, rows, &old.key).await;
 
-    // 20 batches of 200 at 2000 rows/s: the last one may start 1.9 s in.
+    // 20 batches of 200 at 2000 rows/s: the last one may end 2 s in.
     let (code, summary, text, elapsed) = run_json(rotate(&db, &old, &new).args([
         "--max-rows-per-second",
         "2000",
@@ -379,6 +379,32 @@ async fn rate_limit_bounds_rows_per_second() {
         "4000 rows at 2000 rows/s took {elapsed:?}"
     );
     assert_all_rotated(&db, rows, &new.key).await;
+}
+
+#[tokio::test]
+async fn rate_limit_holds_from_the_start() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 3000;
+    fill_uuid(&db, rows, &old.key).await;
+
+    // 3 batches of 1000 at 1000 rows/s: each waits for its own second, the
+    // first one too, so no second holds more than 1000 rows.
+    let (code, summary, text, elapsed) = run_json(rotate(&db, &old, &new).args([
+        "--max-rows-per-second",
+        "1000",
+        "--batch-size",
+        "1000",
+        "--max-sweeps",
+        "0",
+    ]));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(counts(&summary)["reencrypted"], rows as i64, "{text}");
+    assert!(
+        elapsed >= Duration::from_millis(2900),
+        "3000 rows at 1000 rows/s took only {elapsed:?}"
+    );
 }
 
 #[tokio::test]
