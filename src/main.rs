@@ -97,12 +97,26 @@ async fn dispatch(command: Command, stop: Arc<AtomicBool>) -> Result<i32, Failur
             let handle = reencrypt::metrics::install(listen).map_err(Failure::Config)?;
             let pusher =
                 reencrypt::push::Pusher::start(&args.metrics, args.shard_index, handle.clone())?;
-            let result = reencrypt::run::run(&args, stop).await;
-            reencrypt::metrics::record_end(&result);
+            let result = reencrypt::run::run_to_record(&args, stop).await;
+            reencrypt::metrics::record_end(result.as_ref().map_err(|stopped| &stopped.failure));
             if let Some(pusher) = pusher {
                 pusher.finish().await;
             }
-            let summary = result?;
+            let summary = match result {
+                Ok(summary) => summary,
+                Err(stopped) => {
+                    // A failed or interrupted run is recorded as well, with its exit code.
+                    if let Some(summary) = &stopped.summary {
+                        let code = stopped.failure.exit_code();
+                        if let Err(error) =
+                            reencrypt::inspect::record_run(&args, summary, code).await
+                        {
+                            tracing::warn!(error = %error, "Could not record the stopped run.");
+                        }
+                    }
+                    return Err(stopped.failure);
+                }
+            };
             let code = summary.exit_code();
             reencrypt::inspect::record_run(&args, &summary, code).await?;
             match args.output.format {

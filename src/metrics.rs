@@ -132,7 +132,7 @@ pub fn record_state(state: &str) {
 /// Records how the run ended, before the final push. Only a run that leaves
 /// the whole job finished sets the last-success time. A run whose shard is done
 /// while other shards still work stays `running`.
-pub fn record_end(result: &Result<RunSummary, Failure>) {
+pub fn record_end(result: Result<&RunSummary, &Failure>) {
     match result {
         Ok(summary) if summary.job_finished => {
             record_state("finished");

@@ -421,6 +421,40 @@ async fn choose_order(
 
 /// Runs the job to completion or to the first failure.
 pub async fn run(args: &RunArgs, stop: Arc<AtomicBool>) -> Result<RunSummary, Failure> {
+    run_to_record(args, stop)
+        .await
+        .map_err(|stopped| stopped.failure)
+}
+
+/// A run that failed or was interrupted, with the job as the run left it
+/// when the job had been registered by then, for the evidence record.
+pub struct RunStopped {
+    pub failure: Failure,
+    pub summary: Option<RunSummary>,
+}
+
+/// Runs the job as `run` does; a failure comes with the job's summary when
+/// it could be read.
+pub async fn run_to_record(
+    args: &RunArgs,
+    stop: Arc<AtomicBool>,
+) -> Result<RunSummary, RunStopped> {
+    let mut stopped_summary = None;
+    run_job(args, stop, &mut stopped_summary)
+        .await
+        .map_err(|failure| RunStopped {
+            failure,
+            summary: stopped_summary,
+        })
+}
+
+/// Runs the job. On a failure after the job was registered, leaves the
+/// job's summary in `stopped_summary`.
+async fn run_job(
+    args: &RunArgs,
+    stop: Arc<AtomicBool>,
+    stopped_summary: &mut Option<RunSummary>,
+) -> Result<RunSummary, Failure> {
     let started_at = chrono::Utc::now();
     let started = Instant::now();
 
@@ -676,19 +710,24 @@ pub async fn run(args: &RunArgs, stop: Arc<AtomicBool>) -> Result<RunSummary, Fa
             state
         },
     );
-    let mut summary = match (outcome, summary) {
-        (Err(failure), _) => return Err(failure),
-        (Ok(_), Err(failure)) => return Err(failure),
-        (Ok(_), Ok(summary)) => summary,
+    let complete = |mut summary: RunSummary| {
+        summary.started_at = started_at;
+        summary.finished_at = chrono::Utc::now();
+        summary.duration_seconds = started.elapsed().as_secs_f64();
+        summary.sweeps = sweeps;
+        summary.counts_before = Some(counts_before);
+        summary.sweep_last_found = sweep_remaining;
+        summary.key_fingerprints = identity.clone();
+        summary
     };
-    summary.started_at = started_at;
-    summary.finished_at = chrono::Utc::now();
-    summary.duration_seconds = started.elapsed().as_secs_f64();
-    summary.sweeps = sweeps;
-    summary.counts_before = Some(counts_before);
-    summary.sweep_last_found = sweep_remaining;
-    summary.key_fingerprints = identity.clone();
-    Ok(summary)
+    match (outcome, summary) {
+        (Err(failure), Ok(summary)) => {
+            *stopped_summary = Some(complete(summary));
+            Err(failure)
+        }
+        (Err(failure), Err(_)) | (Ok(_), Err(failure)) => Err(failure),
+        (Ok(_), Ok(summary)) => Ok(complete(summary)),
+    }
 }
 
 /// Resolves after `stall` passes with no committed batch.

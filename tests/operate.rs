@@ -998,6 +998,46 @@ const EVIDENCE_FIELDS: [&str; 18] = [
 ];
 
 #[tokio::test]
+async fn interrupted_run_records_evidence() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 3000;
+    common::fill(&db, rows, &old.key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.json");
+
+    let mut child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .args(["--job", "stopped", "--batch-size", "100"])
+        .args(["--max-rows-per-second", "1000", "--progress", "off"])
+        .arg("--report")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(4));
+
+    let report = read_report(&path, &[&old.key, &new.key]);
+    assert_eq!(report["exit_code"], 4, "{report}");
+    assert_eq!(report["job"], "stopped");
+    assert_eq!(report["job_finished"], false);
+    let scanned = number(&report["targets"][0]["after"], "rows_scanned");
+    assert!(scanned > 0 && scanned < rows, "{report}");
+    let recorded: Vec<i32> =
+        sqlx::query_scalar("SELECT exit_code FROM reencrypt.runs WHERE job = 'stopped'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(recorded, vec![4]);
+}
+
+#[tokio::test]
 async fn operator_defaults_to_process_account() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
