@@ -105,11 +105,18 @@ impl Progress {
         }
     }
 
-    pub fn finish(&self) {
+    /// Ends the bars: at their end when the run `completed`, else where
+    /// they stopped.
+    pub fn finish(&self, completed: bool) {
         let targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
         for progress in targets.values() {
             if let Some(bar) = &progress.bar {
-                bar.finish();
+                // A run that stopped early leaves its bars where they were.
+                if completed {
+                    bar.finish();
+                } else {
+                    bar.abandon();
+                }
             }
         }
         *DRAWN_BARS.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -173,4 +180,26 @@ pub fn spawn_logger(
             progress.log();
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stopped_run_leaves_bars_in_place() {
+        for (completed, position) in [(false, 10), (true, 100)] {
+            let progress = Progress {
+                last_commit: Mutex::new(Instant::now()),
+                targets: Mutex::new(BTreeMap::new()),
+                bars: Some(MultiProgress::with_draw_target(ProgressDrawTarget::hidden())),
+            };
+            progress.add_target("t", 100, 0);
+            progress.advance("t", Pass::Main, 10);
+            progress.finish(completed);
+            let targets = progress.targets.lock().unwrap();
+            let bar = targets["t"].bar.as_ref().unwrap();
+            assert_eq!(bar.position(), position, "completed: {completed}");
+        }
+    }
 }

@@ -677,7 +677,7 @@ async fn run_job(
     if let Some(logger) = logger {
         logger.abort();
     }
-    progress.finish();
+    progress.finish(outcome.is_ok());
     heartbeat.abort();
 
     // Record the job's state and release the lease, whatever happened.
