@@ -25,8 +25,9 @@ impl Failure {
         }
     }
 
-    /// Classifies a database error met outside a batch: authentication and
-    /// unknown-database errors are configuration errors, the rest may pass.
+    /// Classifies a database error met outside a batch: authentication,
+    /// unknown-database and TLS certificate errors are configuration errors,
+    /// the rest may pass.
     pub fn from_database(context: &str, error: &sqlx::Error) -> Failure {
         let message = format!("{context}: {}", crate::db::describe(error));
         if let sqlx::Error::Database(db) = error {
@@ -38,11 +39,30 @@ impl Failure {
                 }
             }
         }
-        if matches!(error, sqlx::Error::Configuration(_)) {
+        if matches!(error, sqlx::Error::Configuration(_) | sqlx::Error::Tls(_))
+            || is_certificate_error(error)
+        {
             return Failure::Config(message);
         }
         Failure::Retryable(message)
     }
+}
+
+/// Tells whether a connection failed because TLS rejected a certificate
+/// (an unknown issuer, a wrong host name, an expired certificate), which no
+/// retry can fix.
+fn is_certificate_error(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Io(io) = error else {
+        return false;
+    };
+    io.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|tls| {
+            matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            )
+        })
 }
 
 impl From<crate::pipeline::RangeError> for Failure {

@@ -232,3 +232,27 @@ async fn database_url_postgres_schemes_accepted() {
         assert!(text.contains("no jobs"), "{url}: {text}");
     }
 }
+
+#[tokio::test]
+async fn untrusted_server_certificate_exits_2() {
+    let db = TestDb::new().await;
+    let ssl: String = sqlx::query_scalar("SHOW ssl")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        ssl, "on",
+        "the local PostgreSQL must serve TLS (Debian's default) with a certificate no public CA signed"
+    );
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let url = format!("{}?sslmode=verify-full", db.url);
+    for command in ["run", "plan"] {
+        let (code, text, _) = attempt(command, &url, &old, &new);
+        assert_eq!(
+            code, 2,
+            "{command}: no retry can fix the certificate: {text}"
+        );
+        assert!(text.contains("invalid peer certificate"), "{text}");
+    }
+}
