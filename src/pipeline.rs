@@ -596,6 +596,40 @@ fn adapt_batch_size(
     );
 }
 
+/// Returns the kind of a transient error; any other error ends the range.
+fn transient_or_fail(error: &sqlx::Error) -> Result<TransientKind, RangeError> {
+    db::transient_kind(error).ok_or_else(|| {
+        metrics::record_error("database");
+        RangeError::Database(db::describe(error))
+    })
+}
+
+/// Waits before the next attempt after a transient error, or gives up once
+/// the retry limits are reached.
+async fn retry_after(
+    settings: &PipelineSettings,
+    target: &str,
+    operation: &str,
+    kind: TransientKind,
+    error: &sqlx::Error,
+    attempt: u32,
+    started: Instant,
+) -> Result<(), RangeError> {
+    let elapsed = started.elapsed();
+    if attempt >= settings.retry.max_attempts || elapsed >= settings.retry.max_elapsed {
+        metrics::record_error(kind.label());
+        return Err(RangeError::RetriesExhausted {
+            attempts: attempt,
+            elapsed_secs: elapsed.as_secs(),
+            last: db::describe(error),
+        });
+    }
+    let delay = settings.retry.delay(attempt);
+    metrics::record_retry(kind.label());
+    tracing::warn!(target = %target, operation, kind = kind.label(), attempt, delay_ms = delay.as_millis() as u64, error = %db::describe(error), "Transient database error; retrying.");
+    wait_to_retry(settings, delay).await
+}
+
 /// Sleeps for `delay` before a retry. A stop request ends the wait at once,
 /// and the range stops instead of retrying, for example, a wait on a row
 /// lock. A batch commits together with its checkpoint, so whether or not
@@ -632,23 +666,8 @@ where
         match operation().await {
             Ok(value) => return Ok(value),
             Err(error) => {
-                let Some(kind) = db::transient_kind(&error) else {
-                    metrics::record_error("database");
-                    return Err(RangeError::Database(db::describe(&error)));
-                };
-                let elapsed = started.elapsed();
-                if attempt >= settings.retry.max_attempts || elapsed >= settings.retry.max_elapsed {
-                    metrics::record_error(kind.label());
-                    return Err(RangeError::RetriesExhausted {
-                        attempts: attempt,
-                        elapsed_secs: elapsed.as_secs(),
-                        last: db::describe(&error),
-                    });
-                }
-                let delay = settings.retry.delay(attempt);
-                metrics::record_retry(kind.label());
-                tracing::warn!(target = %target, operation = what, kind = kind.label(), attempt, delay_ms = delay.as_millis() as u64, error = %db::describe(&error), "Transient database error; retrying.");
-                wait_to_retry(settings, delay).await?;
+                let kind = transient_or_fail(&error)?;
+                retry_after(settings, target, what, kind, &error, attempt, started).await?;
             }
         }
     }
@@ -908,10 +927,7 @@ async fn write_with_retry(
                 isolate = true;
             }
             Err(WriteError::Database(error)) => {
-                let Some(kind) = db::transient_kind(&error) else {
-                    metrics::record_error("database");
-                    return Err(RangeError::Database(db::describe(&error)));
-                };
+                let kind = transient_or_fail(&error)?;
                 maybe_committed =
                     kind == TransientKind::Connection || kind == TransientKind::ServerShutdown;
                 if kind == TransientKind::StatementTimeout && batch.batch.len() > 1 {
@@ -919,19 +935,16 @@ async fn write_with_retry(
                     let (head, tail) = batch.split();
                     return Ok(WriteResult::Split(Box::new((head, tail))));
                 }
-                let elapsed = started.elapsed();
-                if attempt >= settings.retry.max_attempts || elapsed >= settings.retry.max_elapsed {
-                    metrics::record_error(kind.label());
-                    return Err(RangeError::RetriesExhausted {
-                        attempts: attempt,
-                        elapsed_secs: elapsed.as_secs(),
-                        last: db::describe(&error),
-                    });
-                }
-                let delay = settings.retry.delay(attempt);
-                metrics::record_retry(kind.label());
-                tracing::warn!(target = %work.target_label, operation = "write", kind = kind.label(), attempt, delay_ms = delay.as_millis() as u64, error = %db::describe(&error), "Transient database error; retrying the batch.");
-                wait_to_retry(settings, delay).await?;
+                retry_after(
+                    settings,
+                    &work.target_label,
+                    "write",
+                    kind,
+                    &error,
+                    attempt,
+                    started,
+                )
+                .await?;
             }
         }
     }
