@@ -726,6 +726,9 @@ async fn fetch(
         false,
     )
     .await?;
+    if batch.is_full(limit, settings.batch.max_bytes) {
+        complete_key_group(&mut tx, statements, &mut batch).await?;
+    }
     release_buffers(&mut tx);
     tx.commit().await?;
     if batch.len() > 0 {
@@ -838,6 +841,35 @@ async fn fetch_physical(
     tx.commit().await?;
     batch.fetch_seconds = started.elapsed().as_secs_f64();
     Ok(batch)
+}
+
+/// Completes a batch that stopped at its row limit or byte cap with every
+/// row whose key equals its last key. Paging continues after that key, so
+/// without this, rows of child tables that repeat it would be skipped.
+async fn complete_key_group(
+    tx: &mut Transaction<'static, Postgres>,
+    statements: &Statements,
+    batch: &mut Batch,
+) -> Result<(), sqlx::Error> {
+    let last = batch.key_of(batch.len() - 1);
+    let mut kept = batch.len();
+    while kept > 0 && batch.key_of(kept - 1) == last {
+        kept -= 1;
+    }
+    let mut query = sqlx::query(&statements.key_group);
+    for part in &last {
+        query = query.bind(part);
+    }
+    let group = read_batch(tx, query, statements.key_len, usize::MAX, false).await?;
+    for (column, keys) in batch.keys.iter_mut().enumerate() {
+        keys.truncate(kept);
+        keys.extend_from_slice(&group.keys[column]);
+    }
+    batch.values.truncate(kept);
+    batch.values.extend(group.values);
+    batch.positions.truncate(kept);
+    batch.positions.extend(group.positions);
+    Ok(())
 }
 
 /// Reads a fetch's rows (keys, value, position) into a batch, stopping once

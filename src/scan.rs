@@ -145,6 +145,13 @@ impl Page {
         self.keys.iter().map(|column| column[row].clone()).collect()
     }
 
+    fn pop(&mut self) {
+        for column in &mut self.keys {
+            column.pop();
+        }
+        self.values.pop();
+    }
+
     fn push_row(&mut self, row: &sqlx::postgres::PgRow) -> Result<usize, sqlx::Error> {
         for (column, keys) in self.keys.iter_mut().enumerate() {
             keys.push(row.try_get::<String, _>(column)?);
@@ -310,6 +317,22 @@ async fn fetch_page(
             if bytes >= settings.batch_max_bytes {
                 break;
             }
+        }
+    }
+    // A page cut short by a limit ends with every row of its last key, so
+    // that keys repeated across child tables are not skipped.
+    if page.len() >= limit || bytes >= settings.batch_max_bytes {
+        let last = page.key_of(page.len() - 1);
+        while page.len() > 0 && page.key_of(page.len() - 1) == last {
+            page.pop();
+        }
+        let mut group = sqlx::query(&statements.key_group);
+        for part in &last {
+            group = group.bind(part);
+        }
+        let mut rows = group.fetch(&mut *tx);
+        while let Some(row) = rows.try_next().await? {
+            page.push_row(&row)?;
         }
     }
     tx.commit().await?;

@@ -16,6 +16,10 @@ pub struct Statements {
     /// position order, up to a limit. After the position comes whether the
     /// row's version is as new as a horizon or newer.
     pub physical_fetch: String,
+    /// Every row whose key equals the given one, with the columns of a fetch.
+    /// Keys repeat across an inheritance tree, whose primary key covers only
+    /// the parent.
+    pub key_group: String,
     /// Compare-and-swap update from arrays; returns the ordinals written and
     /// whether each row stores the value written.
     pub write: String,
@@ -110,6 +114,7 @@ impl Statements {
             format!("{select}{filter} {order} LIMIT ${limit}")
         };
         let fetch = std::array::from_fn(|i| fetch_variant(i & 1 != 0, i & 2 != 0, i & 4 != 0));
+        let key_group = format!("{select} WHERE ({key_list}) = ({})", params(1));
         // `age()` compares IDs modulo 2^32. A frozen row keeps its original
         // `xmin`, which after 2^31 more transactions looks newer than the
         // horizon, so the flag may only ever save work, never skip a row.
@@ -224,6 +229,7 @@ impl Statements {
         Statements {
             key_len,
             fetch,
+            key_group,
             physical_fetch,
             write,
             write_in_key_order,

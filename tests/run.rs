@@ -1167,3 +1167,78 @@ async fn stop_ends_retries_on_row_lock() {
     lock.rollback().await.unwrap();
     assert_eq!(db.values("t", "id", "secret").await, before);
 }
+
+#[tokio::test]
+async fn keys_repeated_in_child_tables() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    // The parent's primary key does not cover its child, so every key
+    // appears twice; batch boundaries fall inside such pairs.
+    db.exec(
+        "CREATE TABLE parent (id bigint PRIMARY KEY, secret text); \
+         CREATE TABLE child () INHERITS (parent); \
+         ALTER TABLE child ADD PRIMARY KEY (id)",
+    )
+    .await;
+    let rows = 2000_i64;
+    for table in ["parent", "child"] {
+        let ids: Vec<i64> = (1..=rows).collect();
+        let values: Vec<String> = ids
+            .iter()
+            .map(|id| encrypt_string(&old.key, &format!("{table} {id}")))
+            .collect();
+        sqlx::query(&format!(
+            "INSERT INTO {table} SELECT * FROM unnest($1::int8[], $2::text[])"
+        ))
+        .bind(&ids)
+        .bind(&values)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+
+    // A read-only scan counts every row.
+    let output = common::binary()
+        .args([
+            "verify",
+            "--database-url",
+            &db.url,
+            "--target",
+            "parent.secret",
+        ])
+        .arg("--old-key-file")
+        .arg(&old.path)
+        .arg("--new-key-file")
+        .arg(&new.path)
+        .args(["--batch-size", "333", "--format", "json"])
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(5), "{text}");
+    let verify: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(verify["targets"][0]["after"]["old_key"], 2 * rows, "{text}");
+
+    let (code, summary, text) = run_json(
+        run_command(&db, &["parent.secret"], &[&old.path], &new.path).args(["--batch-size", "333"]),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(counts(&summary, 0)["rows_scanned"], 2 * rows, "{text}");
+    assert_eq!(counts(&summary, 0)["reencrypted"], 2 * rows, "{text}");
+    for table in ["parent", "child"] {
+        let values: Vec<(i64, String)> =
+            sqlx::query_as(&format!("SELECT id, secret FROM ONLY {table} ORDER BY id"))
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(values.len() as i64, rows);
+        for (id, value) in values {
+            let read = decrypt_to_string(&new.key, &value);
+            assert_eq!(
+                read.as_deref().map(String::as_str),
+                Some(format!("{table} {id}").as_str()),
+                "{table} row {id}"
+            );
+        }
+    }
+}
