@@ -1104,7 +1104,7 @@ async fn write(
     // Rows written under a savepoint carry a subtransaction's ID instead.
     let mut savepoints = isolate && !to_write.is_empty();
     if !conflicted.is_empty() {
-        savepoints = true;
+        savepoints |= isolate;
         resolve_conflicts(
             settings,
             &mut tx,
@@ -1112,6 +1112,7 @@ async fn write(
             batch,
             &conflicted,
             &mut outcomes,
+            isolate,
         )
         .await?;
     }
@@ -1291,7 +1292,8 @@ async fn resolve_conflicts(
     batch: &Batch,
     conflicted: &[usize],
     outcomes: &mut [Outcome],
-) -> Result<(), sqlx::Error> {
+    isolate: bool,
+) -> Result<(), WriteError> {
     let mut query = sqlx::query(&statements.lock);
     for column in &batch.keys {
         let keys: Vec<&str> = conflicted.iter().map(|&r| column[r].as_str()).collect();
@@ -1342,15 +1344,37 @@ async fn resolve_conflicts(
     let to_write: Vec<usize> = (0..reread.len())
         .filter(|&i| decisions[i].new_value.is_some())
         .collect();
-    let written = write_rows(
-        tx,
-        statements,
-        &reread,
-        &to_write,
-        |i| decisions[i].new_value.as_deref().unwrap_or_default(),
-        &mut reread_outcomes,
-    )
-    .await?;
+    let new_value = |i: usize| decisions[i].new_value.as_deref().unwrap_or_default();
+    // As in the first write, without savepoints unless a row was rejected,
+    // so that the rows carry the transaction's ID for the sweep's filter.
+    let written = if isolate {
+        write_rows(
+            tx,
+            statements,
+            &reread,
+            &to_write,
+            new_value,
+            &mut reread_outcomes,
+        )
+        .await?
+    } else if to_write.is_empty() {
+        Vec::new()
+    } else {
+        match update(
+            &mut **tx,
+            statements,
+            &reread,
+            &to_write,
+            new_value,
+            &mut reread_outcomes,
+        )
+        .await
+        {
+            Ok(written) => written,
+            Err(error) if db::is_row_error(&error) => return Err(WriteError::RowRejected),
+            Err(error) => return Err(error.into()),
+        }
+    };
     for (i, (row, _)) in current.iter().enumerate() {
         outcomes[*row] = reread_outcomes[i];
         if decisions[i].new_value.is_some()

@@ -444,3 +444,64 @@ async fn unsettled_sweeps_exit_3() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn sweep_skips_rows_rewritten_after_conflicts() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 2000;
+    fill(&db, rows, &old.key).await;
+
+    // Each batch waits for its throttle slot between its fetch and its
+    // write, so rows the application rewrites meanwhile conflict.
+    let child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .args(["--batch-size", "100", "--max-rows-per-second", "500"])
+        .args([
+            "--progress",
+            "off",
+            "--format",
+            "json",
+            "--log-format",
+            "json",
+        ])
+        .env("RUST_LOG", "reencrypt=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut rewritten = std::collections::BTreeMap::new();
+    for round in 0..30_i64 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let id = 1 + (round * 67) % rows;
+        let value = format!("rewritten {id} in round {round}");
+        put(&db, id, &old.key, &value).await;
+        rewritten.insert(id, value);
+    }
+    let output = child.wait_with_output().unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(
+        first_target_count(&summary, "conflicts") > 0,
+        "no write conflicted: {text}"
+    );
+
+    // The sweep reads the rows the application wrote, not the whole batches
+    // whose conflicts were resolved.
+    let swept: i64 = String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["message"] == "Batch committed." && event["pass"] == "Sweep")
+        .map(|event| event["rows"].as_i64().unwrap())
+        .sum();
+    assert!(
+        swept <= rewritten.len() as i64,
+        "the sweep read {swept} rows for {} rewritten: {text}",
+        rewritten.len()
+    );
+    assert_reads(&db, &new.key, rows, |id| {
+        rewritten.get(&id).cloned().unwrap_or_else(|| plaintext(id))
+    })
+    .await;
+}
