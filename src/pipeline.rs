@@ -1361,7 +1361,7 @@ async fn resolve_conflicts(
         Vec::new()
     } else {
         match update(
-            &mut **tx,
+            tx,
             statements,
             &reread,
             &to_write,
