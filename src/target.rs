@@ -106,16 +106,21 @@ pub fn parse_dotted(spec: &str) -> Result<Vec<String>, String> {
 /// Splits a comma-separated list of targets, leaving commas inside double
 /// quotes alone (`"odd, name".c` is one target).
 pub fn split_target_list(list: &str) -> Vec<String> {
+    split_unquoted(list, ',')
+}
+
+/// Splits `text` at each `separator` outside double quotes.
+fn split_unquoted(text: &str, separator: char) -> Vec<String> {
     let mut items = Vec::new();
     let mut current = String::new();
     let mut quoted = false;
-    for c in list.chars() {
+    for c in text.chars() {
         match c {
             '"' => {
                 quoted = !quoted;
                 current.push(c);
             }
-            ',' if !quoted => items.push(std::mem::take(&mut current)),
+            c if c == separator && !quoted => items.push(std::mem::take(&mut current)),
             _ => current.push(c),
         }
     }
@@ -184,11 +189,12 @@ pub struct UniqueKeySpec {
 
 impl UniqueKeySpec {
     pub fn parse(spec: &str) -> Result<UniqueKeySpec, String> {
-        let (table, columns) = spec.split_once('=').ok_or_else(|| {
+        // Quoted names may contain '=' and ','.
+        let [table, columns]: [String; 2] = split_unquoted(spec, '=').try_into().map_err(|_| {
             format!("invalid --unique-key {spec:?}: expected [schema.]table=column[,column]")
         })?;
         let mut table_parts =
-            parse_dotted(table).map_err(|e| format!("invalid --unique-key {spec:?}: {e}"))?;
+            parse_dotted(&table).map_err(|e| format!("invalid --unique-key {spec:?}: {e}"))?;
         if table_parts.is_empty() || table_parts.len() > 2 {
             return Err(format!(
                 "invalid --unique-key {spec:?}: expected [schema.]table before '='"
@@ -196,8 +202,8 @@ impl UniqueKeySpec {
         }
         let table = table_parts.pop().unwrap();
         let schema = table_parts.pop();
-        let columns = columns
-            .split(',')
+        let columns = split_unquoted(&columns, ',')
+            .iter()
             .map(|c| {
                 parse_dotted(c).and_then(|p| {
                     if p.len() == 1 {
@@ -585,5 +591,15 @@ mod tests {
         assert_eq!(spec.schema.as_deref(), Some("app"));
         assert_eq!(spec.table, "t");
         assert_eq!(spec.columns, vec!["a".to_string(), "B c".to_string()]);
+
+        // Quoted names keep their commas and equals signs.
+        let spec = UniqueKeySpec::parse(r#""Web, hooks=1"=tenant,"Hook, Id""#).unwrap();
+        assert_eq!(spec.table, "Web, hooks=1");
+        assert_eq!(
+            spec.columns,
+            vec!["tenant".to_string(), "Hook, Id".to_string()]
+        );
+        assert!(UniqueKeySpec::parse("t=a=b").is_err());
+        assert!(UniqueKeySpec::parse("t").is_err());
     }
 }
