@@ -507,10 +507,16 @@ fn rows_per_second(target: &TargetProgress) -> Option<f64> {
     (seconds > 0.0).then(|| target.counts.rows_scanned as f64 / seconds)
 }
 
-/// Fraction of the estimated rows scanned; `None` without an estimate.
+/// Fraction of the estimated rows scanned; `None` without an estimate. A
+/// target whose ranges are all done is complete, whatever the estimate said
+/// (rows deleted since, or a stale estimate), and an unfinished one shows
+/// at most 99.9%.
 fn progress_fraction(target: &TargetProgress) -> Option<f64> {
+    if target.ranges > 0 && target.ranges_done == target.ranges {
+        return Some(1.0);
+    }
     (target.rows_estimated > 0)
-        .then(|| target.counts.rows_scanned as f64 / target.rows_estimated as f64)
+        .then(|| (target.counts.rows_scanned as f64 / target.rows_estimated as f64).min(0.999))
 }
 
 fn job_json(
@@ -999,4 +1005,35 @@ fn counts_before(
         "checkpoint: the job's counts when this run started (zero for a new or restarted job)"
             .into(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(ranges_done: i64, scanned: i64, estimated: i64) -> TargetProgress {
+        TargetProgress {
+            job: "j".into(),
+            target: "t".into(),
+            ranges: 2,
+            ranges_done,
+            rows_estimated: estimated,
+            counts: Counts {
+                rows_scanned: scanned,
+                ..Counts::default()
+            },
+            started_at: None,
+            updated_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn progress_follows_ranges_not_estimates() {
+        // Rows deleted during the run: done is done.
+        assert_eq!(progress_fraction(&target(2, 766, 1000)), Some(1.0));
+        // More rows than estimated: not done yet, so below 100%.
+        assert_eq!(progress_fraction(&target(1, 1500, 1000)), Some(0.999));
+        assert_eq!(progress_fraction(&target(0, 250, 1000)), Some(0.25));
+        assert_eq!(progress_fraction(&target(0, 250, 0)), None);
+    }
 }
