@@ -203,8 +203,8 @@ struct Batch {
     values: Vec<Option<String>>,
     /// Each row's `ctid` when it was read, as text.
     positions: Vec<String>,
-    /// Where the batch ends, for the checkpoint: the last key, or in
-    /// physical order the position the next batch reads after.
+    /// The batch's end, for the checkpoint: the last key, or in physical
+    /// order the position the next batch reads after.
     end: Vec<String>,
     /// Read in physical order.
     physical: bool,
@@ -229,7 +229,7 @@ impl Batch {
         self.keys.iter().map(|column| column[row].clone()).collect()
     }
 
-    /// Where a batch ending at `row` ends, for the checkpoint.
+    /// Returns the end of a batch whose last row is `row`, for the checkpoint.
     fn end_at(&self, row: usize) -> Vec<String> {
         if self.physical {
             vec![self.positions[row].clone()]

@@ -52,7 +52,7 @@ impl Throttle {
         }
         if let Some(rate) = self.settings.max_rows_per_second {
             // A batch waits until the end of its own slot, so that no window
-            // from the start ever holds more rows than the rate allows.
+            // from the start ever contains more rows than the rate allows.
             let delay = {
                 let mut next = self.next_slot.lock().await;
                 let now = Instant::now();

@@ -1028,7 +1028,8 @@ async fn interrupted_run_records_evidence() {
     assert_eq!(report["job"], "stopped");
     assert_eq!(report["job_finished"], false);
     let scanned = number(&report["targets"][0]["after"], "rows_scanned");
-    assert!(scanned > 0 && scanned < rows, "{report}");
+    assert!(scanned > 0, "{report}");
+    assert!(scanned < rows, "{report}");
     let recorded: Vec<i32> =
         sqlx::query_scalar("SELECT exit_code FROM reencrypt.runs WHERE job = 'stopped'")
             .fetch_all(&db.pool)

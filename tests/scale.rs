@@ -390,7 +390,7 @@ async fn rate_limit_holds_from_the_start() {
     fill_uuid(&db, rows, &old.key).await;
 
     // 3 batches of 1000 at 1000 rows/s: each waits for its own second, the
-    // first one too, so no second holds more than 1000 rows.
+    // first one too, so no second has more than 1000 rows.
     let (code, summary, text, elapsed) = run_json(rotate(&db, &old, &new).args([
         "--max-rows-per-second",
         "1000",
