@@ -90,10 +90,12 @@ impl Database {
             .await
     }
 
-    /// Begins a read-only transaction with this job's timeouts.
+    /// Begins a read-only transaction with this job's timeouts. Its
+    /// statements share one snapshot, so a page and the rest of its last
+    /// key are read from the same state of the table.
     pub async fn begin_read_only(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         self.pool
-            .begin_with(self.begin_statement("BEGIN READ ONLY"))
+            .begin_with(self.begin_statement("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"))
             .await
     }
 
@@ -106,7 +108,7 @@ impl Database {
     /// outlast the statement timeout, so these statements get at least
     /// `CHANGED_SCAN_TIMEOUT_MS`.
     pub async fn begin_changed_scan(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-        let begin = self.begin_statement("BEGIN READ ONLY");
+        let begin = self.begin_statement("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
         let timeout = self
             .timeouts
             .statement_timeout_ms

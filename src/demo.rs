@@ -59,7 +59,7 @@ pub async fn demo(args: &DemoArgs, stop: Arc<AtomicBool>) -> Result<(RunSummary,
         .connect_with(options)
         .await
         .map_err(|e| {
-            Failure::from_database(
+            Failure::from_connect(
                 &format!("cannot connect to {}", redact_url(&args.database_url)),
                 &e,
             )

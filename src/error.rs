@@ -25,9 +25,18 @@ impl Failure {
         }
     }
 
-    /// Classifies a database error met outside a batch: authentication,
-    /// unknown-database and TLS certificate errors are configuration errors,
-    /// the rest may pass.
+    /// Classifies a failed first connection: as `from_database`, and a TLS
+    /// certificate the client cannot verify is a configuration error too.
+    pub fn from_connect(context: &str, error: &sqlx::Error) -> Failure {
+        if matches!(error, sqlx::Error::Tls(_)) || is_certificate_error(error) {
+            let message = format!("{context}: {}", crate::db::describe(error));
+            return Failure::Config(message);
+        }
+        Failure::from_database(context, error)
+    }
+
+    /// Classifies a database error met outside a batch: authentication and
+    /// unknown-database errors are configuration errors, the rest may pass.
     pub fn from_database(context: &str, error: &sqlx::Error) -> Failure {
         let message = format!("{context}: {}", crate::db::describe(error));
         if let sqlx::Error::Database(db) = error {
@@ -39,9 +48,7 @@ impl Failure {
                 }
             }
         }
-        if matches!(error, sqlx::Error::Configuration(_) | sqlx::Error::Tls(_))
-            || is_certificate_error(error)
-        {
+        if matches!(error, sqlx::Error::Configuration(_)) {
             return Failure::Config(message);
         }
         Failure::Retryable(message)

@@ -122,7 +122,7 @@ async fn connect(
         })?;
     db.probe()
         .await
-        .map_err(|e| Failure::from_database("cannot connect to the database", &e))?;
+        .map_err(|e| Failure::from_connect("cannot connect to the database", &e))?;
     Ok(db)
 }
 
@@ -174,6 +174,8 @@ async fn plan_targets(
     format: OutputFormat,
 ) -> Result<i32, Failure> {
     let prepared = prepare(inputs, cli::DEFAULT_REPORT_LIMIT as usize).await?;
+    // A plan stands for a run, which would reject such a target.
+    crate::run::reject_instead_rules(&prepared.targets)?;
     let mut planned = Vec::with_capacity(prepared.targets.len());
     for target in &prepared.targets {
         let scan = match sample {
@@ -903,20 +905,19 @@ pub async fn keys(args: &KeysArgs) -> Result<i32, Failure> {
     Ok(crate::exit::SUCCESS)
 }
 
-/// Records the run in the runs table and, with --report, in a JSON file.
+/// Records the run, with --report in a JSON file first, then in the runs
+/// table, so that the file is written even when the database is gone.
 ///
 /// The `before` counts are exact zeros when this run created (or restarted)
 /// the job, and otherwise the `after` counts of the job's latest earlier
-/// evidence record. A run that failed leaves no record, so after a failed run
-/// the `before` counts miss its work. `before_source` names the case that applies.
+/// evidence record. A run whose record could not be written leaves none,
+/// so the next run's `before` counts miss its work. `before_source` names
+/// the case that applies.
 pub async fn record_run(args: &RunArgs, summary: &RunSummary, code: i32) -> Result<(), Failure> {
     let (timeouts, _, _) = crate::run::tuning(&args.tuning)?;
-    let db = connect(&args.database, 1, timeouts).await?;
     let schema = &args.database.schema;
     let fail =
         |e: sqlx::Error| Failure::from_database("cannot record the run in the runs table", &e);
-
-    let mut tx = db.begin().await.map_err(fail)?;
     let (before, before_source) = counts_before(summary);
     let evidence = Evidence {
         record_version: report::EVIDENCE_RECORD_VERSION,
@@ -964,15 +965,17 @@ pub async fn record_run(args: &RunArgs, summary: &RunSummary, code: i32) -> Resu
             .collect(),
         exit_code: code,
     };
+    if let Some(path) = &args.output.report {
+        write_report(path, &evidence)?;
+    }
+
+    let db = connect(&args.database, 1, timeouts).await?;
+    let mut tx = db.begin().await.map_err(fail)?;
     let id = checkpoint::insert_run(&mut tx, schema, &run_record(&evidence))
         .await
         .map_err(fail)?;
     tx.commit().await.map_err(fail)?;
     tracing::info!(job = %summary.job, record = id, "Run recorded in the runs table.");
-
-    if let Some(path) = &args.output.report {
-        write_report(path, &evidence)?;
-    }
     Ok(())
 }
 

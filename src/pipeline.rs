@@ -238,9 +238,19 @@ impl Batch {
         }
     }
 
-    /// Splits into two halves, first half first.
-    fn split(mut self) -> (Batch, Batch) {
-        let half = self.len() / 2;
+    /// Returns where to split the batch in two: near its middle, and in key
+    /// order never inside a run of rows with the same key, since the head's
+    /// checkpoint is its last key. `None` when every row has the same key.
+    fn split_point(&self) -> Option<usize> {
+        let boundary = |at: usize| self.physical || self.key_of(at - 1) != self.key_of(at);
+        let middle = self.len() / 2;
+        (middle.max(1)..self.len())
+            .find(|&at| boundary(at))
+            .or_else(|| (1..middle).rev().find(|&at| boundary(at)))
+    }
+
+    /// Splits before row `half`, first part first.
+    fn split(mut self, half: usize) -> (Batch, Batch) {
         let tail_keys = self.keys.iter_mut().map(|c| c.split_off(half)).collect();
         let tail_values = self.values.split_off(half);
         let tail_positions = self.positions.split_off(half);
@@ -299,10 +309,10 @@ impl ClassifiedBatch {
         self
     }
 
-    fn split(self) -> (ClassifiedBatch, ClassifiedBatch) {
+    fn split(self, half: usize) -> (ClassifiedBatch, ClassifiedBatch) {
         let mut decisions = self.decisions;
-        let tail_decisions = decisions.split_off(self.batch.len() / 2);
-        let (head, tail) = self.batch.split();
+        let tail_decisions = decisions.split_off(half);
+        let (head, tail) = self.batch.split(half);
         (
             ClassifiedBatch {
                 batch: head,
@@ -486,10 +496,11 @@ pub async fn run_range(
         if settings.lease_lost.load(Ordering::SeqCst) {
             break Err(RangeError::LeaseLost);
         }
-        settings
-            .throttle
-            .wait(&work.target_label, next.batch.len())
-            .await;
+        // A stop request ends a throttle wait at once: the batch is not written.
+        tokio::select! {
+            _ = settings.throttle.wait(&work.target_label, next.batch.len()) => {}
+            _ = stop_requested(&settings.stop) => break Err(RangeError::Interrupted),
+        }
 
         let rows = next.batch.len();
         let physical = next.batch.physical;
@@ -630,6 +641,13 @@ async fn retry_after(
     wait_to_retry(settings, delay).await
 }
 
+/// Resolves once a stop is requested.
+async fn stop_requested(stop: &AtomicBool) {
+    while !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Sleeps for `delay` before a retry. A stop request ends the wait at once,
 /// and the range stops instead of retrying, for example, a wait on a row
 /// lock. A batch commits together with its checkpoint, so whether or not
@@ -727,7 +745,7 @@ async fn fetch(
     )
     .await?;
     if batch.is_full(limit, settings.batch.max_bytes) {
-        complete_key_group(&mut tx, statements, &mut batch).await?;
+        complete_key_group(&mut tx, statements, &mut batch, changed.is_some()).await?;
     }
     release_buffers(&mut tx);
     tx.commit().await?;
@@ -850,7 +868,16 @@ async fn complete_key_group(
     tx: &mut Transaction<'static, Postgres>,
     statements: &Statements,
     batch: &mut Batch,
+    changed_scan: bool,
 ) -> Result<(), sqlx::Error> {
+    if changed_scan {
+        // A scan for changed rows turns index scans off; this lookup needs one.
+        for setting in ["enable_indexscan", "enable_bitmapscan"] {
+            sqlx::query(&format!("SET LOCAL {setting} = on"))
+                .execute(&mut **tx)
+                .await?;
+        }
+    }
     let last = batch.key_of(batch.len() - 1);
     let mut kept = batch.len();
     while kept > 0 && batch.key_of(kept - 1) == last {
@@ -861,6 +888,12 @@ async fn complete_key_group(
         query = query.bind(part);
     }
     let group = read_batch(tx, query, statements.key_len, usize::MAX, false).await?;
+    // The lookup shares the page's snapshot, so it finds at least the rows
+    // read. Should it find none, the page stays as read: an empty page
+    // would end the range.
+    if group.len() == 0 {
+        return Ok(());
+    }
     for (column, keys) in batch.keys.iter_mut().enumerate() {
         keys.truncate(kept);
         keys.extend_from_slice(&group.keys[column]);
@@ -962,10 +995,12 @@ async fn write_with_retry(
                 let kind = transient_or_fail(&error)?;
                 maybe_committed =
                     kind == TransientKind::Connection || kind == TransientKind::ServerShutdown;
-                if kind == TransientKind::StatementTimeout && batch.batch.len() > 1 {
-                    metrics::record_retry(kind.label());
-                    let (head, tail) = batch.split();
-                    return Ok(WriteResult::Split(Box::new((head, tail))));
+                if kind == TransientKind::StatementTimeout {
+                    if let Some(half) = batch.batch.split_point() {
+                        metrics::record_retry(kind.label());
+                        let (head, tail) = batch.split(half);
+                        return Ok(WriteResult::Split(Box::new((head, tail))));
+                    }
                 }
                 retry_after(
                     settings,
@@ -1387,4 +1422,41 @@ async fn resolve_conflicts(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(keys: &[&str], physical: bool) -> Batch {
+        Batch {
+            keys: vec![keys.iter().map(|k| k.to_string()).collect()],
+            values: vec![None; keys.len()],
+            positions: (0..keys.len()).map(|i| format!("(0,{})", i + 1)).collect(),
+            end: Vec::new(),
+            physical,
+            newer: Vec::new(),
+            fetch_seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn split_keeps_repeated_keys_together() {
+        assert_eq!(batch(&["1", "2", "3", "4"], false).split_point(), Some(2));
+        // The middle falls inside the run of 2s: split after it.
+        assert_eq!(
+            batch(&["1", "2", "2", "2", "3"], false).split_point(),
+            Some(4)
+        );
+        // No boundary after the middle: split before the run.
+        assert_eq!(batch(&["1", "2", "2", "2"], false).split_point(), Some(1));
+        assert_eq!(batch(&["5", "5", "5"], false).split_point(), None);
+        assert_eq!(batch(&["5"], false).split_point(), None);
+        // Row positions never repeat.
+        assert_eq!(batch(&["5", "5", "5"], true).split_point(), Some(1));
+
+        let (head, tail) = batch(&["1", "2", "2", "3"], false).split(3);
+        assert_eq!(head.end, vec!["2".to_string()]);
+        assert_eq!(tail.len(), 1);
+    }
 }

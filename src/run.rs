@@ -82,6 +82,18 @@ pub async fn resolve_targets(
     Ok(targets)
 }
 
+/// Rejects a target whose table has a DO INSTEAD rule on UPDATE: its
+/// writes would not reach the rows read.
+pub fn reject_instead_rules(targets: &[Target]) -> Result<(), Failure> {
+    match targets.iter().find(|t| t.instead_rule) {
+        Some(target) => Err(Failure::Config(
+            crate::target::TargetError::InsteadRule(format!("{}.{}", target.schema, target.table))
+                .to_string(),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Divides the adaptive batch limits among the writers. Each writer holds up
 /// to two batches, so memory stays the same whatever the writer count. A
 /// fixed `--batch-size` is left as given.
@@ -536,14 +548,9 @@ async fn run_job(
     })?;
     db.probe()
         .await
-        .map_err(|e| Failure::from_database("cannot connect to the database", &e))?;
+        .map_err(|e| Failure::from_connect("cannot connect to the database", &e))?;
     let targets = resolve_targets(&db, &specs, &unique_keys).await?;
-    if let Some(target) = targets.iter().find(|t| t.instead_rule) {
-        return Err(Failure::Config(
-            crate::target::TargetError::InsteadRule(format!("{}.{}", target.schema, target.table))
-                .to_string(),
-        ));
-    }
+    reject_instead_rules(&targets)?;
     checkpoint::migrate(&db, &args.database.schema)
         .await
         .map_err(|e| Failure::from_database("cannot create the checkpoint tables", &e))?;

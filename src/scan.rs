@@ -334,6 +334,14 @@ async fn fetch_page(
         while let Some(row) = rows.try_next().await? {
             page.push_row(&row)?;
         }
+        // The lookup shares the page's snapshot, so it finds at least the
+        // rows read; an empty page would end the scan.
+        if page.len() == 0 {
+            return Err(sqlx::Error::Protocol(format!(
+                "the rows of key {} vanished from the page's own snapshot",
+                crate::statements::key_label(&last)
+            )));
+        }
     }
     tx.commit().await?;
     Ok(page)

@@ -1094,6 +1094,27 @@ async fn instead_rule_target_is_rejected() {
         text.contains("table public.ruled has a DO INSTEAD rule on UPDATE"),
         "{text}"
     );
+    let output = common::binary()
+        .args([
+            "plan",
+            "--database-url",
+            &db.url,
+            "--target",
+            "ruled.secret",
+        ])
+        .arg("--old-key-file")
+        .arg(&old.path)
+        .arg("--new-key-file")
+        .arg(&new.path)
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "plan stands for a run: {text}"
+    );
+    assert!(text.contains("DO INSTEAD rule on UPDATE"), "{text}");
     let after = db.values("ruled", "id", "secret").await;
     assert_eq!(after, vec![("1".to_string(), Some(value))]);
 }
@@ -1241,4 +1262,30 @@ async fn keys_repeated_in_child_tables() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn stop_ends_throttle_wait() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    common::fill(&db, 200, &old.key).await;
+    let before = db.values("t", "id", "secret").await;
+
+    // The first batch waits 10 s for its slot under the rate limit.
+    let mut child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .args(["--batch-size", "100", "--max-rows-per-second", "10"])
+        .args(["--progress", "off"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(4));
+    // The batch that was waiting was not written.
+    assert_eq!(db.values("t", "id", "secret").await, before);
 }
