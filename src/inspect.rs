@@ -510,9 +510,9 @@ fn rows_per_second(target: &TargetProgress) -> Option<f64> {
 }
 
 /// Fraction of the estimated rows scanned; `None` without an estimate. A
-/// target whose ranges are all done is complete, whatever the estimate said
-/// (rows deleted since, or a stale estimate), and an unfinished one shows
-/// at most 99.9%.
+/// target whose ranges are all done is complete whatever the estimate was
+/// (rows deleted since, or a stale estimate). An unfinished one shows at
+/// most 99.9%.
 fn progress_fraction(target: &TargetProgress) -> Option<f64> {
     if target.ranges > 0 && target.ranges_done == target.ranges {
         return Some(1.0);
