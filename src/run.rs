@@ -825,6 +825,51 @@ async fn prepare_physical(
         .collect())
 }
 
+/// Splits a sweep that reads a whole target in key order, after a pass in
+/// physical order, into `writers` key ranges read side by side. The last
+/// range has no upper bound, so it also covers keys added since.
+async fn split_whole_sweep(
+    settings: &PipelineSettings,
+    statements: &Statements,
+    parts: Vec<RangeWork>,
+    writers: usize,
+) -> Result<Vec<RangeWork>, Failure> {
+    let [whole] = parts.as_slice() else {
+        return Ok(parts);
+    };
+    if writers < 2
+        || whole.changed_since.is_some()
+        || whole.after.is_some()
+        || whole.upper.is_some()
+    {
+        return Ok(parts);
+    }
+    let fail = |e: sqlx::Error| Failure::from_database("cannot split the sweep", &e);
+    let mut tx = settings.db.begin_read_only().await.map_err(fail)?;
+    let Some(upper) = fetch_key(&mut tx, &statements.max_key, statements.key_len)
+        .await
+        .map_err(fail)?
+    else {
+        return Ok(parts);
+    };
+    let mut bounds = split_bounds(&mut tx, statements, &upper, writers)
+        .await
+        .map_err(fail)?;
+    tx.commit().await.map_err(fail)?;
+    if let Some(last) = bounds.last_mut() {
+        last.1 = None;
+    }
+    tracing::info!(target = %whole.target_label, parts = bounds.len(), "The sweep reads every row, in key ranges side by side.");
+    Ok(bounds
+        .into_iter()
+        .map(|(after, upper)| RangeWork {
+            after,
+            upper,
+            ..whole.clone()
+        })
+        .collect())
+}
+
 /// Reads the table's size in blocks.
 async fn table_blocks(conn: &mut sqlx::PgConnection, table: &str) -> Result<u64, sqlx::Error> {
     let blocks: i64 = sqlx::query_scalar(
@@ -1033,7 +1078,8 @@ async fn rotate_all(
                 // The first round after a resumed pass reads every row, so
                 // later rounds may read only the rows changed since.
                 let filter = filter && (*bounds_after_horizon || round > 0);
-                sweep::physical_parts(label, mine, record, round == 0, filter)
+                let parts = sweep::physical_parts(label, mine, record, round == 0, filter);
+                split_whole_sweep(settings, statements, parts, writers).await?
             } else {
                 sweep::parts(label, mine, *total_ranges, record, round == 0, filter)
             };

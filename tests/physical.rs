@@ -294,3 +294,61 @@ async fn physical_pass_crosses_empty_blocks() {
     assert_eq!(first_target_count(&summary, "reencrypted"), 200, "{text}");
     assert_reads(&db, &new.key, 200, plaintext).await;
 }
+
+#[tokio::test]
+async fn physical_resume_sweeps_with_writers() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 4000;
+    fill(&db, rows, &old.key).await;
+    // Room in the first block keeps row 1 there when it is rewritten,
+    // behind where the first run stopped.
+    db.exec("DELETE FROM t WHERE id BETWEEN 2 AND 30").await;
+    db.exec("VACUUM t").await;
+
+    let mut child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .args(PHYSICAL)
+        .args(["--writers", "2", "--batch-size", "100"])
+        .args(["--max-rows-per-second", "1500", "--progress", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(4));
+
+    // Between the runs, rows at both ends and in the middle of the key
+    // space change under the old key.
+    let changed = [1, rows / 2, rows, rows + 1];
+    for id in changed {
+        put(&db, id, &old.key, &format!("changed {id}")).await;
+    }
+    let block: i64 =
+        sqlx::query_scalar("SELECT (ctid::text::point)[0]::bigint FROM t WHERE id = 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(block, 0, "row 1 stays behind where the first run stopped");
+
+    // The second run's sweep reads every row, split by key among 2 writers.
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path)
+            .args(PHYSICAL)
+            .args(["--writers", "2"]),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(summary["sweep_last_found"], 0, "{text}");
+    assert_reads(&db, &new.key, rows - 29 + 1, |id| {
+        if changed.contains(&id) {
+            format!("changed {id}")
+        } else {
+            plaintext(id)
+        }
+    })
+    .await;
+}
