@@ -558,8 +558,8 @@ pub async fn run_range(
             )))
         }
     };
-    // The reader also ends without an error when it sees a stop, maybe
-    // before its first batch: the range is then not done.
+    // The reader also ends without an error on a stop request, maybe before
+    // its first batch, and then the range is not done.
     if result.is_ok() && !exhausted {
         return Err(if settings.lease_lost.load(Ordering::SeqCst) {
             RangeError::LeaseLost
@@ -582,9 +582,9 @@ fn adapt_batch_size(
         return;
     };
     let current = batch_rows.load(Ordering::Relaxed);
-    // A short batch (end of range, byte cap) tells nothing about the right
-    // size. In physical order a window of blocks holds about the limit, a
-    // little more or less, so a batch within a tenth of it counts as full.
+    // A short batch (end of range, byte cap) says nothing about the right
+    // size. In physical order a window of blocks contains about the limit,
+    // a little more or less, so a batch within a tenth of it counts as full.
     let full = if physical {
         current - current / 10
     } else {
@@ -757,7 +757,7 @@ async fn fetch(
 }
 
 /// Reads the next batch of a pass in physical order and moves `after` past
-/// it. Each fetch reads one window of blocks, so that it touches only those;
+/// it. Each fetch reads one window of blocks, so that it touches only those.
 /// `window` is resized toward `limit` rows per window, and halved when a
 /// fetch times out. A batch may be empty: its checkpoint still records that
 /// the pass moved on. Returns `None` at the range's end.
@@ -811,8 +811,8 @@ async fn next_in_physical_order(
         }
     };
     if batch.is_full(limit, settings.batch.max_bytes) {
-        // The window holds more than a batch: the next one starts after the
-        // last row read, in a smaller window.
+        // The window contains more than a batch, so the next one starts after
+        // the last row read, in a smaller window.
         *window = (*window / 2).max(1);
         batch.end = batch.end_at(batch.len() - 1);
     } else {
@@ -879,10 +879,11 @@ async fn complete_key_group(
         }
     }
     let last = batch.key_of(batch.len() - 1);
-    let mut kept = batch.len();
-    while kept > 0 && batch.key_of(kept - 1) == last {
-        kept -= 1;
+    let mut group_start = batch.len();
+    while group_start > 0 && batch.key_of(group_start - 1) == last {
+        group_start -= 1;
     }
+
     let mut query = sqlx::query(&statements.key_group);
     for part in &last {
         query = query.bind(part);
@@ -895,12 +896,12 @@ async fn complete_key_group(
         return Ok(());
     }
     for (column, keys) in batch.keys.iter_mut().enumerate() {
-        keys.truncate(kept);
+        keys.truncate(group_start);
         keys.extend_from_slice(&group.keys[column]);
     }
-    batch.values.truncate(kept);
+    batch.values.truncate(group_start);
     batch.values.extend(group.values);
-    batch.positions.truncate(kept);
+    batch.positions.truncate(group_start);
     batch.positions.extend(group.positions);
     Ok(())
 }
@@ -1096,34 +1097,16 @@ async fn write(
             .as_deref()
             .unwrap_or_default()
     };
-    let written = if isolate {
-        write_rows(
-            &mut tx,
-            statements,
-            batch,
-            &to_write,
-            new_value,
-            &mut outcomes,
-        )
-        .await?
-    } else if to_write.is_empty() {
-        Vec::new()
-    } else {
-        match update(
-            &mut tx,
-            statements,
-            batch,
-            &to_write,
-            new_value,
-            &mut outcomes,
-        )
-        .await
-        {
-            Ok(written) => written,
-            Err(error) if db::is_row_error(&error) => return Err(WriteError::RowRejected),
-            Err(error) => return Err(error.into()),
-        }
-    };
+    let written = write_batch_rows(
+        &mut tx,
+        statements,
+        batch,
+        &to_write,
+        new_value,
+        &mut outcomes,
+        isolate,
+    )
+    .await?;
 
     // Conflicts: lock the rows that changed, re-read and re-classify them.
     // A flag per row keeps this check linear in the batch size.
@@ -1233,6 +1216,32 @@ async fn write(
         },
     };
     Ok((counts, writer))
+}
+
+/// Writes rows with compare-and-swap, in one statement without savepoints
+/// unless `isolate`, so that every row written carries the transaction's
+/// ID for the sweep's filter. Without `isolate`, a rejected row fails the
+/// whole batch with `RowRejected`, and the caller retries it isolated.
+async fn write_batch_rows<'a>(
+    tx: &mut Transaction<'static, Postgres>,
+    statements: &Statements,
+    batch: &Batch,
+    rows: &[usize],
+    new_value: impl Fn(usize) -> &'a str + Copy,
+    outcomes: &mut [Outcome],
+    isolate: bool,
+) -> Result<Vec<usize>, WriteError> {
+    if isolate {
+        return Ok(write_rows(tx, statements, batch, rows, new_value, outcomes).await?);
+    }
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    match update(tx, statements, batch, rows, new_value, outcomes).await {
+        Ok(written) => Ok(written),
+        Err(error) if db::is_row_error(&error) => Err(WriteError::RowRejected),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// Writes the given rows with compare-and-swap. A row-specific failure (a
@@ -1380,36 +1389,16 @@ async fn resolve_conflicts(
         .filter(|&i| decisions[i].new_value.is_some())
         .collect();
     let new_value = |i: usize| decisions[i].new_value.as_deref().unwrap_or_default();
-    // As in the first write, without savepoints unless a row was rejected,
-    // so that the rows carry the transaction's ID for the sweep's filter.
-    let written = if isolate {
-        write_rows(
-            tx,
-            statements,
-            &reread,
-            &to_write,
-            new_value,
-            &mut reread_outcomes,
-        )
-        .await?
-    } else if to_write.is_empty() {
-        Vec::new()
-    } else {
-        match update(
-            tx,
-            statements,
-            &reread,
-            &to_write,
-            new_value,
-            &mut reread_outcomes,
-        )
-        .await
-        {
-            Ok(written) => written,
-            Err(error) if db::is_row_error(&error) => return Err(WriteError::RowRejected),
-            Err(error) => return Err(error.into()),
-        }
-    };
+    let written = write_batch_rows(
+        tx,
+        statements,
+        &reread,
+        &to_write,
+        new_value,
+        &mut reread_outcomes,
+        isolate,
+    )
+    .await?;
     for (i, (row, _)) in current.iter().enumerate() {
         outcomes[*row] = reread_outcomes[i];
         if decisions[i].new_value.is_some()

@@ -387,6 +387,7 @@ async fn choose_order(
             Ok(ScanOrder::Key)
         }
     };
+
     if !target.single_table {
         return reject(format!(
             "reads one table by row position, but {} is partitioned or has child tables",
@@ -401,6 +402,7 @@ async fn choose_order(
         // The sweep would read every row in key order after the pass.
         return Ok(ScanOrder::Key);
     }
+
     let context = "cannot read the table's size";
     let mut tx = db
         .begin_read_only()
@@ -418,6 +420,7 @@ async fn choose_order(
     tx.commit()
         .await
         .map_err(|e| Failure::from_database(context, &e))?;
+
     if version < 140_000 {
         return reject(format!(
             "needs PostgreSQL 14 or later for range scans by row position, and the server is version {version}"

@@ -308,10 +308,10 @@ pub fn parts(
 /// Lists the parts a sweep round reads after a pass in physical order.
 ///
 /// Row positions do not follow keys, so the sweep reads the whole key
-/// space in one part. With `filter`, it reads only changed rows, but on the
-/// first round only if this process passed over every range from its start;
-/// otherwise that round reads every row. The caller clears `filter` when
-/// the ranges' bounds were read before the horizon.
+/// space in one part. With `filter`, it reads only changed rows. On the
+/// first round that needs this process to have passed over every range
+/// from its start, or else the round reads every row. The caller clears
+/// `filter` when the ranges' bounds were read before the horizon.
 pub fn physical_parts(
     label: &str,
     mine: &[RangeRecord],

@@ -1017,10 +1017,7 @@ async fn interrupted_run_records_evidence() {
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    common::terminate(&child);
     assert_eq!(child.wait().unwrap().code(), Some(4));
 
     let report = read_report(&path, &[&old.key, &new.key]);

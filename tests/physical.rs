@@ -164,10 +164,7 @@ async fn physical_resume_sweeps_every_row() {
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    common::terminate(&child);
     assert_eq!(child.wait().unwrap().code(), Some(4));
     let last: Option<Vec<String>> =
         sqlx::query_scalar("SELECT last_key FROM reencrypt.ranges WHERE range_index = 0")
@@ -184,7 +181,11 @@ async fn physical_resume_sweeps_every_row() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert!(rotated > 0 && rotated < rows, "stopped part-way: {rotated}");
+    assert!(rotated > 0, "the first run rotated nothing");
+    assert!(
+        rotated < rows,
+        "the first run did not stop part-way: {rotated}"
+    );
 
     // Between the runs the application writes under the old key, where the
     // first run passed and past the end of the table.
@@ -328,10 +329,7 @@ async fn physical_resume_sweeps_with_writers() {
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    common::terminate(&child);
     assert_eq!(child.wait().unwrap().code(), Some(4));
 
     // Between the runs, rows at both ends and in the middle of the key

@@ -1178,10 +1178,7 @@ async fn stop_ends_retries_on_row_lock() {
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    common::terminate(&child);
     let status = child.wait().unwrap();
     // Still locked: the run stopped without waiting for the lock or its retries.
     assert_eq!(status.code(), Some(4), "interrupted, not failed");
@@ -1281,10 +1278,7 @@ async fn stop_ends_throttle_wait() {
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    common::terminate(&child);
     assert_eq!(child.wait().unwrap().code(), Some(4));
     // The batch that was waiting was not written.
     assert_eq!(db.values("t", "id", "secret").await, before);

@@ -270,3 +270,12 @@ pub async fn assert_reads(db: &TestDb, new: &Key, rows: i64, expected: impl Fn(i
         );
     }
 }
+
+/// Sends SIGTERM to a child process, as Kubernetes does to stop a pod.
+pub fn terminate(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -TERM failed");
+}
