@@ -8,6 +8,9 @@ RUST_LOG=reencrypt::pipeline=debug. START and END are the Unix times around
 the process. Prints how the wall time splits into setup, pass, sweep
 and finish. Then prints percentiles of the pass's batches (rows and
 fetch, crypto and write milliseconds) and the peak resident set size.
+In physical order a window is written in two transactions, and each is
+logged as a batch with its phase. Here the two count as one batch, with the
+rows and milliseconds of both.
 """
 
 import json
@@ -28,6 +31,23 @@ def percentile(values, fraction):
     ordered = sorted(values)
     rank = max(1, math.ceil(fraction * len(ordered)))
     return ordered[rank - 1]
+
+
+def merge_phases(batches):
+    """Joins each window's first phase with the second phase that follows it in the same range."""
+    merged, first_of = [], {}
+    for batch in batches:
+        phase, key = batch.get("phase", "whole"), batch.get("range")
+        if phase == "first":
+            first_of[key] = batch
+            continue
+        first = first_of.pop(key, None) if phase == "second" else None
+        if first is not None:
+            batch = dict(batch)
+            for field in ("rows", "fetch_ms", "crypto_ms", "write_ms"):
+                batch[field] = float(batch[field]) + float(first[field])
+        merged.append(batch)
+    return merged + list(first_of.values())
 
 
 def main():
@@ -59,7 +79,7 @@ def main():
             f"sweep {sweep_end - pass_end:.2f} s ({len(batches['Sweep'])} batches), "
             f"finish {end - sweep_end:.2f} s"
         )
-    main_pass = batches["Main"]
+    main_pass = merge_phases(batches["Main"])
     if main_pass:
         print(f"  pass: {len(main_pass)} batches, ms per batch (p50 / p95 / p99 / max):")
         for field, label in (("rows", "rows"), ("fetch_ms", "fetch"), ("crypto_ms", "crypto"), ("write_ms", "write")):

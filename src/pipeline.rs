@@ -269,12 +269,117 @@ impl Batch {
         }
         (self, tail)
     }
+
+    /// Deals the rows out in turn: even rows to the first batch, odd rows to
+    /// the second. The first has no end, so its checkpoint leaves the range's
+    /// position where it is; the second ends where this batch did.
+    fn interleave(self) -> (Batch, Batch) {
+        fn deal<T>(items: Vec<T>) -> (Vec<T>, Vec<T>) {
+            let mut even = Vec::with_capacity(items.len() / 2 + 1);
+            let mut odd = Vec::with_capacity(items.len() / 2);
+            for (row, item) in items.into_iter().enumerate() {
+                if row % 2 == 0 {
+                    even.push(item);
+                } else {
+                    odd.push(item);
+                }
+            }
+            (even, odd)
+        }
+        let (first_keys, second_keys) = self.keys.into_iter().map(deal).unzip();
+        let (first_values, second_values) = deal(self.values);
+        let (first_positions, second_positions) = deal(self.positions);
+        let (first_newer, second_newer) = deal(self.newer);
+        (
+            Batch {
+                keys: first_keys,
+                values: first_values,
+                positions: first_positions,
+                end: Vec::new(),
+                physical: self.physical,
+                newer: first_newer,
+                fetch_seconds: self.fetch_seconds,
+            },
+            Batch {
+                keys: second_keys,
+                values: second_values,
+                positions: second_positions,
+                end: self.end,
+                physical: self.physical,
+                newer: second_newer,
+                fetch_seconds: 0.0,
+            },
+        )
+    }
+}
+
+/// The transactions a window read in physical order is written in.
+///
+/// Updating a row puts its new version on the same page when the page has
+/// room (a HOT update), and then PostgreSQL adds no entry to the key's
+/// index. A page read from a table that was just loaded has no room, so the
+/// first update of each of its rows goes to another page, and inserts an
+/// index entry at a random place in a large index. Writing a window in two
+/// transactions halves those inserts: the first rewrites every other row,
+/// a read of the window then prunes the old versions it left, and the
+/// second rewrites the rest into the room that made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Written in one transaction.
+    Whole,
+    /// The window's even rows, written first.
+    First,
+    /// The window's odd rows. `revisit` is set until the window's pages
+    /// have been read again.
+    Second { revisit: bool },
+}
+
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Whole => "whole",
+            Phase::First => "first",
+            Phase::Second { .. } => "second",
+        }
+    }
+}
+
+/// Rows to rewrite below which a window is written in one transaction.
+const MIN_ROWS_FOR_TWO_PHASES: usize = 64;
+
+/// Reads the pages of a window's rows, so that PostgreSQL prunes the old
+/// versions the window's first phase left there. Only an optimization: when
+/// it fails, the second phase's updates go to other pages, as the first's did.
+async fn revisit(
+    settings: &PipelineSettings,
+    statements: &Statements,
+    work: &RangeWork,
+    batch: &Batch,
+) {
+    let (Some(first), Some(last)) = (batch.positions.first(), batch.positions.last()) else {
+        return;
+    };
+    let read = async {
+        let mut tx = settings.db.begin_read_only().await?;
+        sqlx::query_scalar::<_, i64>(&statements.revisit)
+            .bind(first)
+            .bind(last)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await
+    };
+    if let Err(error) = read.await {
+        tracing::debug!(target = %work.target_label, error = %db::describe(&error), "Could not read a window again before its second write.");
+    }
 }
 
 struct ClassifiedBatch {
     batch: Batch,
     decisions: Vec<Decision>,
     crypto_seconds: f64,
+    phase: Phase,
+    /// Rows in the batch as read, before any split, for sizing the next one.
+    read_rows: usize,
 }
 
 impl ClassifiedBatch {
@@ -312,17 +417,74 @@ impl ClassifiedBatch {
     fn split(self, half: usize) -> (ClassifiedBatch, ClassifiedBatch) {
         let mut decisions = self.decisions;
         let tail_decisions = decisions.split_off(half);
-        let (head, tail) = self.batch.split(half);
+        let (mut head, tail) = self.batch.split(half);
+        // The rows of a first phase are spread over the window, so no part
+        // of it may move the position.
+        if self.phase == Phase::First {
+            head.end.clear();
+        }
         (
             ClassifiedBatch {
                 batch: head,
                 decisions,
                 crypto_seconds: self.crypto_seconds,
+                phase: self.phase,
+                read_rows: self.read_rows,
             },
             ClassifiedBatch {
                 batch: tail,
                 decisions: tail_decisions,
                 crypto_seconds: 0.0,
+                phase: self.phase,
+                read_rows: self.read_rows,
+            },
+        )
+    }
+
+    /// Tells whether the batch is a window of a pass in physical order with
+    /// rows enough to rewrite for two writes to pay.
+    fn worth_two_phases(&self, pass: Pass) -> bool {
+        pass == Pass::Main
+            && self.phase == Phase::Whole
+            && self.batch.physical
+            && !self.batch.end.is_empty()
+            && self
+                .decisions
+                .iter()
+                .filter(|d| d.new_value.is_some())
+                .count()
+                >= MIN_ROWS_FOR_TWO_PHASES
+    }
+
+    /// Splits a window into its two phases; see `Phase`.
+    fn into_phases(self) -> (ClassifiedBatch, ClassifiedBatch) {
+        let (first_decisions, second_decisions) = {
+            let mut first = Vec::with_capacity(self.decisions.len() / 2 + 1);
+            let mut second = Vec::with_capacity(self.decisions.len() / 2);
+            for (row, decision) in self.decisions.into_iter().enumerate() {
+                if row % 2 == 0 {
+                    first.push(decision);
+                } else {
+                    second.push(decision);
+                }
+            }
+            (first, second)
+        };
+        let (first, second) = self.batch.interleave();
+        (
+            ClassifiedBatch {
+                batch: first,
+                decisions: first_decisions,
+                crypto_seconds: self.crypto_seconds,
+                phase: Phase::First,
+                read_rows: self.read_rows,
+            },
+            ClassifiedBatch {
+                batch: second,
+                decisions: second_decisions,
+                crypto_seconds: 0.0,
+                phase: Phase::Second { revisit: true },
+                read_rows: self.read_rows,
             },
         )
     }
@@ -472,10 +634,13 @@ pub async fn run_range(
                     batch,
                     decisions,
                     crypto_seconds,
+                    phase: Phase::Whole,
+                    read_rows: 0,
                 };
                 if classified.batch.physical {
                     classified = classified.without_rewritten();
                 }
+                classified.read_rows = classified.batch.len();
                 permit.send(Ok(classified));
             }
         })
@@ -485,7 +650,7 @@ pub async fn run_range(
     let mut totals = RangeOutcome::default();
     let mut pending: Vec<ClassifiedBatch> = Vec::new();
     let result = loop {
-        let next = match pending.pop() {
+        let mut next = match pending.pop() {
             Some(batch) => batch,
             None => match receiver.recv().await {
                 Some(Ok(batch)) => batch,
@@ -493,6 +658,11 @@ pub async fn run_range(
                 None => break Ok(()),
             },
         };
+        if next.worth_two_phases(pass) {
+            let (first, second) = next.into_phases();
+            pending.push(second);
+            next = first;
+        }
         if settings.lease_lost.load(Ordering::SeqCst) {
             break Err(RangeError::LeaseLost);
         }
@@ -506,7 +676,13 @@ pub async fn run_range(
         let physical = next.batch.physical;
         let fetch_seconds = next.batch.fetch_seconds;
         let crypto_seconds = next.crypto_seconds;
+        let read_rows = next.read_rows;
         let started = Instant::now();
+        if next.phase == (Phase::Second { revisit: true }) {
+            revisit(settings, &statements, &work, &next.batch).await;
+            next.phase = Phase::Second { revisit: false };
+        }
+        let phase = next.phase;
         match write_with_retry(settings, &statements, &work, pass, next).await {
             Ok(WriteResult::Committed(counts, writer)) => {
                 let write_seconds = started.elapsed().as_secs_f64();
@@ -523,6 +699,7 @@ pub async fn run_range(
                     target = %work.target_label,
                     range = work.range_index,
                     pass = ?pass,
+                    phase = phase.label(),
                     rows,
                     fetch_ms = fetch_seconds * 1000.0,
                     crypto_ms = crypto_seconds * 1000.0,
@@ -532,7 +709,19 @@ pub async fn run_range(
                 settings
                     .progress
                     .advance(&work.target_label, pass, counts.rows_scanned as u64);
-                adapt_batch_size(&settings.batch, &batch_rows, rows, physical, write_seconds);
+                // A phase writes about half a window: size by the window.
+                let (window_rows, window_seconds) = match phase {
+                    Phase::Whole => (rows, write_seconds),
+                    _ if rows > 0 => (read_rows, write_seconds * read_rows as f64 / rows as f64),
+                    _ => (rows, write_seconds),
+                };
+                adapt_batch_size(
+                    &settings.batch,
+                    &batch_rows,
+                    window_rows,
+                    physical,
+                    window_seconds,
+                );
             }
             Ok(WriteResult::Split(halves)) => {
                 let (head, tail) = *halves;
@@ -1020,7 +1209,9 @@ async fn write_with_retry(
 
 /// Tells whether the range's checkpoint is already at the batch's last key.
 /// Then the batch committed and only the reply to its COMMIT was lost, and
-/// writing it again would count the batch twice.
+/// writing it again would count the batch twice. A batch without an end
+/// leaves the position as it was. It committed if any of its rows contains
+/// one of the values it wrote, which are new ciphertexts under random IVs.
 async fn already_committed(
     settings: &PipelineSettings,
     statements: &Statements,
@@ -1030,6 +1221,36 @@ async fn already_committed(
     let batch = &classified.batch;
     if batch.len() == 0 {
         return Ok(false);
+    }
+    if batch.end.is_empty() {
+        let written: Vec<usize> = (0..batch.len())
+            .filter(|&r| classified.decisions[r].new_value.is_some())
+            .collect();
+        if written.is_empty() {
+            return Ok(false);
+        }
+        let mut query = sqlx::query_scalar::<_, bool>(&statements.holds_any);
+        for column in &batch.keys {
+            query = query.bind(
+                written
+                    .iter()
+                    .map(|&r| column[r].as_str())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let values: Vec<&str> = written
+            .iter()
+            .map(|&r| {
+                classified.decisions[r]
+                    .new_value
+                    .as_deref()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let mut tx = settings.db.begin_read_only().await?;
+        let holds = query.bind(values).fetch_one(&mut *tx).await?;
+        tx.commit().await?;
+        return Ok(holds);
     }
     let mut tx = settings.db.begin_read_only().await?;
     let position: Option<Vec<String>> = sqlx::query_scalar(&statements.position)
@@ -1162,7 +1383,8 @@ async fn write(
     // The checkpoint commits with the batch, and only while the lease is ours.
     let transaction: Option<i64> = match pass {
         Pass::Main => {
-            let last_key = &batch.end;
+            // The first phase of a window has no end and keeps the position.
+            let last_key = (!batch.end.is_empty()).then_some(&batch.end);
             sqlx::query_scalar(&statements.checkpoint)
                 .bind(&settings.job)
                 .bind(&work.target_label)
@@ -1447,5 +1669,65 @@ mod tests {
         let (head, tail) = batch(&["1", "2", "2", "3"], false).split(3);
         assert_eq!(head.end, vec!["2".to_string()]);
         assert_eq!(tail.len(), 1);
+    }
+
+    fn classified(rows: usize, end: &str) -> ClassifiedBatch {
+        let keys: Vec<String> = (1..=rows).map(|k| k.to_string()).collect();
+        let mut batch = batch(&keys.iter().map(String::as_str).collect::<Vec<_>>(), true);
+        batch.end = vec![end.to_string()];
+        batch.values = keys.iter().map(|k| Some(format!("old {k}"))).collect();
+        ClassifiedBatch {
+            decisions: keys
+                .iter()
+                .map(|k| Decision {
+                    outcome: Outcome::Reencrypted,
+                    new_value: Some(format!("new {k}")),
+                    old_key_index: Some(0),
+                })
+                .collect(),
+            batch,
+            crypto_seconds: 0.0,
+            phase: Phase::Whole,
+            read_rows: rows,
+        }
+    }
+
+    #[test]
+    fn window_phases_split_rows() {
+        let window = classified(MIN_ROWS_FOR_TWO_PHASES + 1, "(9,0)");
+        assert!(window.worth_two_phases(Pass::Main));
+        assert!(!window.worth_two_phases(Pass::Sweep));
+        assert!(!classified(MIN_ROWS_FOR_TWO_PHASES - 1, "(9,0)").worth_two_phases(Pass::Main));
+
+        let (first, second) = window.into_phases();
+        assert_eq!(first.phase, Phase::First);
+        assert_eq!(second.phase, Phase::Second { revisit: true });
+        assert!(!first.worth_two_phases(Pass::Main));
+        assert!(!second.worth_two_phases(Pass::Main));
+        assert_eq!(first.batch.keys[0][..3], ["1", "3", "5"]);
+        assert_eq!(second.batch.keys[0][..3], ["2", "4", "6"]);
+        assert_eq!(first.batch.positions[1], "(0,3)");
+        assert_eq!(second.batch.positions[1], "(0,4)");
+        // Each row keeps its own value and decision.
+        for part in [&first, &second] {
+            for (row, key) in part.batch.keys[0].iter().enumerate() {
+                assert_eq!(
+                    part.batch.values[row].as_deref(),
+                    Some(format!("old {key}").as_str())
+                );
+                assert_eq!(part.decisions[row].new_value, Some(format!("new {key}")));
+            }
+        }
+        assert!(first.batch.end.is_empty());
+        assert_eq!(second.batch.end, vec!["(9,0)".to_string()]);
+
+        // A first phase split after a timeout still leaves the position alone;
+        // the head of a second phase ends at its own last row.
+        let (head, tail) = first.split(10);
+        assert!(head.batch.end.is_empty());
+        assert!(tail.batch.end.is_empty());
+        let (head, tail) = second.split(10);
+        assert_eq!(head.batch.end, vec![head.batch.positions[9].clone()]);
+        assert_eq!(tail.batch.end, vec!["(9,0)".to_string()]);
     }
 }

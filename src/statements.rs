@@ -27,10 +27,18 @@ pub struct Statements {
     pub write_in_key_order: String,
     /// Whether `write` also takes the rows' positions (`ctid`), as its last array.
     pub by_position: bool,
+    /// Reads every row between two positions, both included. Reading a page
+    /// lets PostgreSQL prune the row versions on it that no transaction can
+    /// see any more, which makes room for the next updates on that page.
+    pub revisit: String,
+    /// Whether any of the given rows, by key, contains one of the given
+    /// values. Then the transaction that wrote them committed.
+    pub holds_any: String,
     /// Locks rows by key and reads their current values and positions;
     /// returns ordinals.
     pub lock: String,
-    /// Advances a range's checkpoint, if this runner still holds the lease;
+    /// Adds a batch's counts to a range's checkpoint and moves its position
+    /// (unless the position is NULL), if this runner still holds the lease;
     /// returns the transaction's ID.
     pub checkpoint: String,
     /// Adds a sweep's counts, if this runner still holds the lease; returns
@@ -172,6 +180,18 @@ impl Statements {
             )
         };
         let write = write_from(&rows);
+        let revisit = format!(
+            "SELECT count(*) FROM {table} AS t WHERE t.ctid >= $1::tid AND t.ctid <= $2::tid"
+        );
+        let holds_any = format!(
+            "SELECT EXISTS (SELECT 1 FROM unnest({}) AS u({}, new_value) JOIN {table} AS t ON {join_keys} \
+             WHERE t.{column}::text COLLATE \"C\" = u.new_value COLLATE \"C\")",
+            (1..=key_len + 1)
+                .map(|i| format!("${i}::text[]"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            array_columns.join(", ")
+        );
         let write_in_key_order =
             write_from(&format!("(SELECT * FROM {rows} ORDER BY {key_order}) AS u"));
         let lock_arrays = (1..=key_len)
@@ -189,7 +209,7 @@ impl Statements {
             "EXISTS (SELECT 1 FROM {q}.leases l WHERE l.job = $1 AND l.shard = $4 AND l.holder = $5 AND l.expires_at > now())"
         );
         let checkpoint = format!(
-            "UPDATE {q}.ranges SET last_key = $6, rows_scanned = rows_scanned + $7, reencrypted = reencrypted + $8, \
+            "UPDATE {q}.ranges SET last_key = COALESCE($6, last_key), rows_scanned = rows_scanned + $7, reencrypted = reencrypted + $8, \
              current = current + $9, null_values = null_values + $10, not_in_format = not_in_format + $11, \
              undecryptable = undecryptable + $12, ambiguous = ambiguous + $13, deleted = deleted + $14, \
              write_rejected = write_rejected + $15, conflicts = conflicts + $16, batches = batches + 1, \
@@ -234,6 +254,8 @@ impl Statements {
             write,
             write_in_key_order,
             by_position,
+            revisit,
+            holds_any,
             lock,
             checkpoint,
             sweep_checkpoint,

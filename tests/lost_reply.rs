@@ -1,6 +1,9 @@
 //! A batch whose COMMIT succeeds but whose reply never arrives: the worker
-//! retries it, finds its checkpoint already there, and neither writes the
-//! batch again nor counts it twice.
+//! retries it, finds that it committed, and neither writes the batch again
+//! nor counts it twice. In physical order each window is written in two
+//! transactions, and the first leaves the checkpoint's position as it was.
+//! The worker then checks for the values it wrote. A worker killed between
+//! the two leaves a job that resumes with every row counted once.
 
 mod common;
 
@@ -8,14 +11,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{binary, first_target_count, run_json, KeyFile, TestDb};
-use reencrypt::classify::{decrypt_to_string, encrypt_string};
+use common::{
+    assert_reads, binary, fill, first_target_count, plaintext, run_command, run_json, KeyFile,
+    TestDb,
+};
+use reencrypt::classify::decrypt_to_string;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Starts a TCP proxy to the local PostgreSQL. On the `drop_at`-th COMMIT
 /// after a checkpoint statement, it passes the COMMIT on, lets the server
 /// commit, and closes the connection before the reply reaches the client.
+/// Returns its port and the count of such COMMITs seen.
 async fn lossy_proxy(drop_at: usize) -> (u16, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -70,36 +77,31 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         .any(|window| window == needle)
 }
 
-#[tokio::test]
-async fn lost_commit_reply_counts_once() {
+/// Returns the URL of `db` through a proxy on `port`, without TLS so that
+/// the proxy can see the statements.
+fn through_proxy(db: &TestDb, port: u16) -> String {
+    format!(
+        "{}?sslmode=disable",
+        db.url.replace(":5432/", &format!(":{port}/"))
+    )
+}
+
+/// Loses the reply to the `drop_at`-th checkpointed COMMIT of a run with
+/// `args`, and checks that every row is rotated and counted once.
+async fn counts_once(args: &[&str], drop_at: usize) {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
     let rows: i64 = 1000;
-    db.exec("CREATE TABLE t (id bigint PRIMARY KEY, secret text NOT NULL)")
-        .await;
-    let ids: Vec<i64> = (1..=rows).collect();
-    let values: Vec<String> = ids
-        .iter()
-        .map(|id| encrypt_string(&old.key, &format!("the plaintext of row number {id:06}")))
-        .collect();
-    sqlx::query("INSERT INTO t SELECT * FROM unnest($1::int8[], $2::text[])")
-        .bind(&ids)
-        .bind(&values)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    fill(&db, rows, &old.key).await;
 
-    let (port, commits) = lossy_proxy(3).await;
-    // Without TLS, so that the proxy can see the statements.
-    let url = format!(
-        "{}?sslmode=disable",
-        db.url.replace(":5432/", &format!(":{port}/"))
-    );
+    let (port, commits) = lossy_proxy(drop_at).await;
+    let url = through_proxy(&db, port);
     let mut command = binary();
     command
         .args(["run", "--database-url", &url, "--target", "t.secret"])
         .args(["--metrics-listen", "off", "--batch-size", "100"])
+        .args(args)
         .arg("--old-key-file")
         .arg(&old.path)
         .arg("--new-key-file")
@@ -108,21 +110,103 @@ async fn lost_commit_reply_counts_once() {
         .await
         .unwrap();
     assert!(
-        commits.load(Ordering::SeqCst) >= 3,
-        "the proxy saw no third checkpoint: {text}"
+        commits.load(Ordering::SeqCst) >= drop_at,
+        "the proxy saw no checkpoint number {drop_at}: {text}"
     );
     assert_eq!(code, 0, "{text}");
     assert_eq!(first_target_count(&summary, "rows_scanned"), rows, "{text}");
     assert_eq!(first_target_count(&summary, "reencrypted"), rows, "{text}");
     assert_eq!(first_target_count(&summary, "current"), 0, "{text}");
     assert_eq!(first_target_count(&summary, "conflicts"), 0, "{text}");
+    assert_reads(&db, &new.key, rows, plaintext).await;
+}
 
-    for (id, value) in db.values("t", "id", "secret").await {
-        let read = decrypt_to_string(&new.key, value.as_deref().unwrap());
-        assert_eq!(
-            read.as_deref().map(String::as_str),
-            Some(format!("the plaintext of row number {id:0>6}").as_str()),
-            "row {id}"
+#[tokio::test]
+async fn lost_commit_reply_counts_once() {
+    counts_once(&[], 3).await;
+}
+
+#[tokio::test]
+async fn lost_reply_first_phase_counts_once() {
+    // The first checkpointed COMMIT is the first of the first window's two.
+    counts_once(&["--scan-order", "physical"], 1).await;
+}
+
+#[tokio::test]
+async fn lost_reply_second_phase_counts_once() {
+    counts_once(&["--scan-order", "physical"], 2).await;
+}
+
+#[tokio::test]
+async fn killed_between_phases_resumes() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows: i64 = 1000;
+    fill(&db, rows, &old.key).await;
+
+    // The first run is killed as soon as its first write of the first window
+    // has committed, before the second write of that window.
+    let (port, commits) = lossy_proxy(1).await;
+    let url = through_proxy(&db, port);
+    let mut child = binary()
+        .args(["run", "--database-url", &url, "--target", "t.secret"])
+        .args(["--metrics-listen", "off", "--batch-size", "100"])
+        .args(["--scan-order", "physical", "--progress", "off"])
+        .arg("--old-key-file")
+        .arg(&old.path)
+        .arg("--new-key-file")
+        .arg(&new.path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while commits.load(Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the first run committed nothing"
         );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let (position, scanned): (Option<Vec<String>>, i64) =
+        sqlx::query_as("SELECT last_key, rows_scanned FROM reencrypt.ranges WHERE range_index = 0")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(position, None, "the first write moved the position");
+    assert!(
+        scanned > 0 && scanned < rows,
+        "the first write counted {scanned} rows"
+    );
+    // The rows that write committed read under the new key already.
+    let rotated = db
+        .values("t", "id", "secret")
+        .await
+        .into_iter()
+        .filter(|(id, value)| {
+            decrypt_to_string(&new.key, value.as_deref().unwrap())
+                .as_deref()
+                .map(String::as_str)
+                == Some(plaintext(id.parse().unwrap()).as_str())
+        })
+        .count() as i64;
+    assert_eq!(rotated, scanned, "rows under the new key after the kill");
+
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path).args([
+            "--scan-order",
+            "physical",
+            "--batch-size",
+            "100",
+        ]),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(first_target_count(&summary, "rows_scanned"), rows, "{text}");
+    assert_eq!(first_target_count(&summary, "reencrypted"), rows, "{text}");
+    assert_eq!(first_target_count(&summary, "current"), 0, "{text}");
+    assert_reads(&db, &new.key, rows, plaintext).await;
 }
