@@ -83,10 +83,15 @@ impl Database {
     pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
         // A commit is acknowledged only once it is on disk, even where the
         // server's default is `synchronous_commit = off`. The sweep trusts
-        // that a batch acknowledged as committed stays committed.
+        // that a batch acknowledged as committed stays committed. Deferred
+        // constraints are checked at each statement, so that a row they
+        // reject fails its UPDATE, where it can be found and left out, and
+        // not the COMMIT of the whole batch.
         let begin = self.begin_statement("BEGIN");
         self.pool
-            .begin_with(format!("{begin}; SET LOCAL synchronous_commit = on"))
+            .begin_with(format!(
+                "{begin}; SET LOCAL synchronous_commit = on; SET CONSTRAINTS ALL IMMEDIATE"
+            ))
             .await
     }
 

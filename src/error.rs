@@ -35,6 +35,22 @@ impl Failure {
         Failure::from_database(context, error)
     }
 
+    /// Classifies a failure to create the worker's tables in `schema`. An
+    /// error of class 42 (a name already taken, a reserved schema, a missing
+    /// privilege) comes back on every retry, so it is a configuration error.
+    pub fn from_migration(schema: &str, error: &sqlx::Error) -> Failure {
+        let context = format!(
+            "cannot create the checkpoint tables in schema {schema:?} \
+             (choose a schema of the worker's own with --schema)"
+        );
+        if let sqlx::Error::Database(db) = error {
+            if db.code().is_some_and(|code| code.starts_with("42")) {
+                return Failure::Config(format!("{context}: {}", crate::db::describe(error)));
+            }
+        }
+        Failure::from_database(&context, error)
+    }
+
     /// Classifies a database error met outside a batch: authentication and
     /// unknown-database errors are configuration errors, the rest may pass.
     pub fn from_database(context: &str, error: &sqlx::Error) -> Failure {

@@ -1305,56 +1305,85 @@ async fn write(
     isolate: bool,
 ) -> Result<(Counts, Option<u32>), WriteError> {
     let batch = &classified.batch;
-    let mut outcomes: Vec<Outcome> = classified.decisions.iter().map(|d| d.outcome).collect();
-    let mut tx = settings.db.begin().await?;
+    // Rows whose stored value a trigger changed from the one written. Each
+    // such write is undone with its whole transaction, and the batch is
+    // written again without those rows, which stay as they were.
+    let mut altered = vec![false; batch.len()];
+    let (mut tx, outcomes, conflicted, savepoints) = loop {
+        let mut outcomes: Vec<Outcome> = classified
+            .decisions
+            .iter()
+            .zip(&altered)
+            .map(|(d, &altered)| match altered {
+                true => Outcome::WriteRejected,
+                false => d.outcome,
+            })
+            .collect();
+        let mut tx = settings.db.begin().await?;
 
-    // Compare-and-swap: rows whose value changed since it was read stay untouched.
-    let to_write: Vec<usize> = (0..batch.len())
-        .filter(|&r| classified.decisions[r].new_value.is_some())
-        .collect();
-    let new_value = |r: usize| {
-        classified.decisions[r]
-            .new_value
-            .as_deref()
-            .unwrap_or_default()
-    };
-    let written = write_batch_rows(
-        &mut tx,
-        statements,
-        batch,
-        &to_write,
-        new_value,
-        &mut outcomes,
-        isolate,
-    )
-    .await?;
-
-    // Conflicts: lock the rows that changed, re-read and re-classify them.
-    // A flag per row keeps this check linear in the batch size.
-    let mut is_written = vec![false; batch.len()];
-    for &row in &written {
-        is_written[row] = true;
-    }
-    let conflicted: Vec<usize> = to_write
-        .iter()
-        .copied()
-        .filter(|&r| !is_written[r] && outcomes[r] != Outcome::WriteRejected)
-        .collect();
-    // Rows written under a savepoint carry a subtransaction's ID instead.
-    let mut savepoints = isolate && !to_write.is_empty();
-    if !conflicted.is_empty() {
-        savepoints |= isolate;
-        resolve_conflicts(
-            settings,
+        // Compare-and-swap: rows whose value changed since it was read stay untouched.
+        let to_write: Vec<usize> = (0..batch.len())
+            .filter(|&r| classified.decisions[r].new_value.is_some() && !altered[r])
+            .collect();
+        let new_value = |r: usize| {
+            classified.decisions[r]
+                .new_value
+                .as_deref()
+                .unwrap_or_default()
+        };
+        let mut written = write_batch_rows(
             &mut tx,
             statements,
             batch,
-            &conflicted,
+            &to_write,
+            new_value,
             &mut outcomes,
             isolate,
         )
         .await?;
-    }
+
+        // Conflicts: lock the rows that changed, re-read and re-classify them.
+        // A flag per row keeps this check linear in the batch size.
+        let mut is_written = vec![false; batch.len()];
+        for &row in &written {
+            is_written[row] = true;
+        }
+        let conflicted: Vec<usize> = to_write
+            .iter()
+            .copied()
+            .filter(|&r| !is_written[r] && outcomes[r] != Outcome::WriteRejected)
+            .collect();
+        // Rows written under a savepoint carry a subtransaction's ID instead.
+        let mut savepoints = isolate && !to_write.is_empty();
+        if !conflicted.is_empty() {
+            savepoints |= isolate;
+            written.extend(
+                resolve_conflicts(
+                    settings,
+                    &mut tx,
+                    statements,
+                    batch,
+                    &conflicted,
+                    &mut outcomes,
+                    isolate,
+                )
+                .await?,
+            );
+        }
+
+        // A written row marked rejected stores another value than the one written.
+        let changed_by_trigger: Vec<usize> = written
+            .into_iter()
+            .filter(|&r| outcomes[r] == Outcome::WriteRejected)
+            .collect();
+        if changed_by_trigger.is_empty() {
+            break (tx, outcomes, conflicted, savepoints);
+        }
+        tx.rollback().await?;
+        for row in changed_by_trigger {
+            altered[row] = true;
+        }
+    };
 
     // Tally, and record the keys of rows that need attention.
     let mut counts = Counts::default();
@@ -1541,7 +1570,7 @@ async fn update<'a>(
     for (ord, stored_as_written) in returned {
         let row = rows[(ord - 1) as usize];
         if !stored_as_written {
-            tracing::warn!(key = %key_label(&batch.key_of(row)), "The row contains another value than the one written, so a trigger changed it; it is reported as rejected.");
+            tracing::warn!(key = %key_label(&batch.key_of(row)), "The row contains another value than the one written, so a trigger changed it; the write is undone and the row left unchanged.");
             outcomes[row] = Outcome::WriteRejected;
         }
         written.push(row);
@@ -1551,6 +1580,7 @@ async fn update<'a>(
 
 /// Re-reads conflicted rows under a row lock, classifies their current values,
 /// and rewrites those now under an old key. Deleted rows become `Deleted`.
+/// Returns the batch's rows written.
 async fn resolve_conflicts(
     settings: &PipelineSettings,
     tx: &mut Transaction<'static, Postgres>,
@@ -1559,7 +1589,7 @@ async fn resolve_conflicts(
     conflicted: &[usize],
     outcomes: &mut [Outcome],
     isolate: bool,
-) -> Result<(), WriteError> {
+) -> Result<Vec<usize>, WriteError> {
     let mut query = sqlx::query(&statements.lock);
     for column in &batch.keys {
         let keys: Vec<&str> = conflicted.iter().map(|&r| column[r].as_str()).collect();
@@ -1621,18 +1651,23 @@ async fn resolve_conflicts(
         isolate,
     )
     .await?;
+    let mut is_written = vec![false; current.len()];
+    for &i in &written {
+        is_written[i] = true;
+    }
     for (i, (row, _)) in current.iter().enumerate() {
         outcomes[*row] = reread_outcomes[i];
         if decisions[i].new_value.is_some()
-            && !written.contains(&i)
+            && !is_written[i]
             && reread_outcomes[i] != Outcome::WriteRejected
         {
-            // Unreachable while the row lock holds; leave the row and log it.
-            tracing::error!(key = %key_label(&batch.key_of(*row)), "A locked row changed before it could be rewritten; it is left unchanged.");
-            outcomes[*row] = Outcome::Undecryptable;
+            // The row is locked and still contains the value read, so the
+            // UPDATE matched it and a trigger or rule skipped the change.
+            tracing::warn!(key = %key_label(&batch.key_of(*row)), "The database did not apply the update to the row (a trigger or rule skipped it); the row is left unchanged.");
+            outcomes[*row] = Outcome::WriteRejected;
         }
     }
-    Ok(())
+    Ok(written.iter().map(|&i| current[i].0).collect())
 }
 
 #[cfg(test)]

@@ -556,7 +556,7 @@ async fn run_job(
     reject_instead_rules(&targets)?;
     checkpoint::migrate(&db, &args.database.schema)
         .await
-        .map_err(|e| Failure::from_database("cannot create the checkpoint tables", &e))?;
+        .map_err(|e| Failure::from_migration(&args.database.schema, &e))?;
     let schema = args.database.schema.clone();
 
     // The job: created, or resumed when everything matches.

@@ -1538,3 +1538,36 @@ fn with(mut arguments: Vec<String>, extra: &[&str]) -> Vec<String> {
     arguments.extend(extra.iter().map(|a| a.to_string()));
     arguments
 }
+
+#[tokio::test]
+async fn taken_schema_exits_2() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    db.exec("CREATE TABLE t (id int PRIMARY KEY, secret text)")
+        .await;
+    let value = encrypt_string(&old.key, "kept");
+    sqlx::query("INSERT INTO t VALUES (1, $1)")
+        .bind(&value)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // The application already has a table named like one of the worker's.
+    db.exec("CREATE SCHEMA appx; CREATE TABLE appx.runs (id int)")
+        .await;
+
+    for schema in ["appx", "pg_catalog"] {
+        let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+            .args(["--schema", schema])
+            .output()
+            .unwrap();
+        let text = output_text(&output);
+        assert_eq!(output.status.code(), Some(2), "{schema}: {text}");
+        assert!(text.contains("--schema"), "{schema}: {text}");
+    }
+    let after: String = sqlx::query_scalar("SELECT secret FROM t")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(after, value);
+}

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -404,6 +405,97 @@ async fn trigger_kept_rows_are_reported() {
             "row {id}"
         );
     }
+}
+
+/// Runs with a trigger on `t` (200 rows) that runs the PL/pgSQL `body`,
+/// created by `CREATE {kind} TRIGGER meddle {when} ON t ...`. Checks that the
+/// rows whose id is a multiple of `every` keep their old value byte for
+/// byte and are rejected, and that the rest read under the new key.
+async fn trigger_rejects_every(kind: &str, when: &str, body: &str, every: i64) {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 200;
+    fill(&db, rows, &old.key).await;
+    let before: HashMap<String, Option<String>> =
+        db.values("t", "id", "secret").await.into_iter().collect();
+    let deferred = match kind {
+        "CONSTRAINT" => "DEFERRABLE INITIALLY DEFERRED",
+        _ => "",
+    };
+    db.exec(&format!(
+        "CREATE FUNCTION meddle() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN {body} END $$; \
+         CREATE {kind} TRIGGER meddle {when} ON t {deferred} FOR EACH ROW EXECUTE FUNCTION meddle()"
+    ))
+    .await;
+
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path).args(["--batch-size", "50"]),
+    );
+    let rejected = rows / every;
+    assert_eq!(code, 3, "{text}");
+    assert_eq!(
+        first_target_count(&summary, "reencrypted"),
+        rows - rejected,
+        "{text}"
+    );
+    assert_eq!(
+        first_target_count(&summary, "write_rejected"),
+        rejected,
+        "{text}"
+    );
+    assert_eq!(first_target_count(&summary, "undecryptable"), 0, "{text}");
+    assert_eq!(summary["attention_needs_action"], rejected, "{text}");
+
+    for (id, value) in db.values("t", "id", "secret").await {
+        let number: i64 = id.parse().unwrap();
+        if number % every == 0 {
+            assert_eq!(value, before[&id], "row {id} changed");
+            continue;
+        }
+        let read = decrypt_to_string(&new.key, value.as_deref().unwrap());
+        assert_eq!(
+            read.as_deref().map(String::as_str),
+            Some(plaintext(number).as_str()),
+            "row {id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn trigger_changed_rows_stay_unchanged() {
+    // The trigger stores another value than the one written: committing it
+    // would leave a value that no key reads.
+    trigger_rejects_every(
+        "",
+        "BEFORE UPDATE",
+        "IF NEW.id % 10 = 0 THEN NEW.secret := lower(NEW.secret); END IF; RETURN NEW;",
+        10,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn trigger_skipped_rows_are_rejected() {
+    trigger_rejects_every(
+        "",
+        "BEFORE UPDATE",
+        "IF NEW.id % 7 = 0 THEN RETURN NULL; END IF; RETURN NEW;",
+        7,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn deferred_trigger_rejects_rows() {
+    // Checked at COMMIT, the error would fail the whole batch on every run.
+    trigger_rejects_every(
+        "CONSTRAINT",
+        "AFTER UPDATE",
+        "IF NEW.id % 50 = 0 THEN RAISE EXCEPTION 'row % is frozen', NEW.id; END IF; RETURN NULL;",
+        50,
+    )
+    .await;
 }
 
 #[tokio::test]
