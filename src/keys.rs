@@ -38,9 +38,10 @@ pub struct Key {
 
 impl Key {
     /// Parses 64 hex characters. Surrounding whitespace (such as the trailing
-    /// newline of `vault kv get -field=... > file`) is ignored.
+    /// newline of `vault kv get -field=... > file`) is ignored, and so is a
+    /// byte order mark, which some editors put at the start of a file.
     pub fn from_hex(text: &str) -> Result<Key, KeyError> {
-        let trimmed = text.trim();
+        let trimmed = text.trim().trim_start_matches('\u{feff}').trim();
         let length = trimmed.chars().count();
         if length != KEY_BYTES * 2 {
             return Err(KeyError::WrongLength(length));
@@ -301,6 +302,12 @@ mod tests {
     #[test]
     fn key_accepts_surrounding_whitespace() {
         let key = Key::from_hex(&format!("  {HEX_A}\n")).unwrap();
+        assert_eq!(key.to_hex().as_str(), HEX_A);
+    }
+
+    #[test]
+    fn key_accepts_byte_order_mark() {
+        let key = Key::from_hex(&format!("\u{feff}{HEX_A}\r\n")).unwrap();
         assert_eq!(key.to_hex().as_str(), HEX_A);
     }
 

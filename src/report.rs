@@ -29,6 +29,9 @@ pub struct RunSummary {
     pub sweeps: u32,
     /// Values the last sweep still found under an old key (0 when sweeps converged).
     pub sweep_last_found: i64,
+    /// Whether sweeps were turned off (`--max-sweeps 0`): then no one looked
+    /// for values written under an old key while the pass ran.
+    pub sweeps_off: bool,
     /// Each target's counts in the checkpoint when this run started: what
     /// earlier runs of the job had done (all zero for a new job).
     pub counts_before: Option<std::collections::BTreeMap<String, Counts>>,
@@ -166,6 +169,9 @@ pub fn render_run(summary: &RunSummary) -> String {
             "the last sweep still rotated {} values written under an old key (exit code 3): the application may still write under an old key; run `reencrypt run` again once it writes only under the new key, then `reencrypt verify`\n",
             summary.sweep_last_found
         ));
+    }
+    if summary.sweeps_off && summary.job_finished {
+        out.push_str("sweeps are off (--max-sweeps 0): values the application wrote under an old key while the pass ran were not looked for; run `reencrypt verify` before retiring the old key\n");
     }
     if !summary.job_finished {
         out.push_str("other shards of this job still have ranges to do\n");

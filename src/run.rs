@@ -727,6 +727,7 @@ async fn run_job(
         summary.sweeps = sweeps;
         summary.counts_before = Some(counts_before);
         summary.sweep_last_found = sweep_remaining;
+        summary.sweeps_off = args.max_sweeps == 0;
         summary.key_fingerprints = identity.clone();
         summary
     };
@@ -1049,6 +1050,9 @@ async fn rotate_all(
     }
 
     // Final sweeps: values written under an old key while the pass ran.
+    if args.max_sweeps == 0 {
+        tracing::warn!("Sweeps are off (--max-sweeps 0): values written under an old key while the pass ran are not looked for; run `reencrypt verify` before retiring the old key.");
+    }
     let mut sweeps = 0;
     let mut last_found = 0;
     for round in 0..args.max_sweeps {

@@ -35,6 +35,8 @@ pub enum TargetError {
         "column {column} is part of the key of table {table}; a key column cannot be rewritten"
     )]
     KeyColumnTarget { table: String, column: String },
+    #[error("column {column} of table {table} is a generated column; its value is computed by the database and cannot be rewritten")]
+    Generated { table: String, column: String },
     #[error("{0} is a {1}, not a table")]
     NotATable(String, &'static str),
     #[error("table {0} has row-level security that applies to this role, so some rows would be invisible and never rotated; connect as a role with BYPASSRLS, a superuser, or the table's owner when the policy is not forced")]
@@ -365,6 +367,20 @@ impl Target {
                 table: display,
                 column: spec.column.clone(),
                 type_name,
+            }
+            .into());
+        }
+        let generated: bool = sqlx::query_scalar(
+            "SELECT attgenerated <> '' FROM pg_attribute WHERE attrelid = $1::oid AND attname = $2",
+        )
+        .bind(oid)
+        .bind(&spec.column)
+        .fetch_one(&mut *conn)
+        .await?;
+        if generated {
+            return Err(TargetError::Generated {
+                table: display,
+                column: spec.column.clone(),
             }
             .into());
         }

@@ -699,7 +699,8 @@ async fn bad_input_exits_2_and_writes_nothing() {
     let old = KeyFile::generate();
     let new = KeyFile::generate();
     db.exec(
-        "CREATE TABLE t (id int PRIMARY KEY, secret text, amount int);
+        "CREATE TABLE t (id int PRIMARY KEY, secret text, amount int,
+             shown text GENERATED ALWAYS AS (upper(secret)) STORED);
          CREATE TABLE nokey (secret text);
          CREATE VIEW v AS SELECT * FROM t;",
     )
@@ -753,6 +754,11 @@ async fn bad_input_exits_2_and_writes_nothing() {
             "non-text column",
             args(&["t.amount"], &old.path, &new.path),
             "has type integer",
+        ),
+        (
+            "generated column",
+            args(&["t.shown"], &old.path, &new.path),
+            "is a generated column",
         ),
         (
             "no primary key",

@@ -504,7 +504,7 @@ async fn unsettled_sweeps_exit_3() {
     let old = KeyFile::generate();
     let new = KeyFile::generate();
     fill(&db, 100, &old.key).await;
-    let (code, _, text) = run_json(
+    let (code, summary, text) = run_json(
         run_command(&db, &["t.secret"], &[&old.path], &new.path).args([
             "--job",
             "unsettled",
@@ -513,6 +513,9 @@ async fn unsettled_sweeps_exit_3() {
         ]),
     );
     assert_eq!(code, 0, "{text}");
+    // Without sweeps the run reports that nothing looked for late writes.
+    assert_eq!(summary["sweeps_off"], true, "{text}");
+    assert!(text.contains("Sweeps are off"), "{text}");
     put(&db, 40, &old.key, "written after the pass").await;
 
     // One sweep rotates the row. No further sweep shows that none remain,
@@ -527,6 +530,7 @@ async fn unsettled_sweeps_exit_3() {
     );
     assert_eq!(code, 3, "{text}");
     assert_eq!(summary["sweep_last_found"], 1, "{text}");
+    assert_eq!(summary["sweeps_off"], false, "{text}");
     assert_reads(&db, &new.key, 100, |id| {
         if id == 40 {
             "written after the pass".to_string()
