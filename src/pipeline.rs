@@ -1399,6 +1399,23 @@ async fn write(
     counts.rows_scanned = batch.len() as i64;
     counts.conflicts = conflicted.len() as i64;
     counts.batches = 1;
+    // A row listed by an earlier run (rejected, say) and rotated by this
+    // sweep needs no more attention. The sweep reads such rows again when
+    // the job is run after its pass finished.
+    if pass == Pass::Sweep {
+        let rotated: Vec<String> = (0..batch.len())
+            .filter(|&row| outcomes[row] == Outcome::Reencrypted)
+            .map(|row| key_label(&batch.key_of(row)))
+            .collect();
+        if !rotated.is_empty() {
+            sqlx::query(&statements.clear_attention)
+                .bind(&settings.job)
+                .bind(&work.target_label)
+                .bind(&rotated)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
     if !attention_keys.is_empty() {
         sqlx::query(&statements.attention)
             .bind(&settings.job)

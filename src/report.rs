@@ -66,8 +66,11 @@ impl RunSummary {
 
     /// Exit code of a completed run: 3 when rows need attention.
     pub fn exit_code(&self) -> i32 {
-        // A sweep may find rows needing attention that the main pass counted
-        // as fine; they are in the attention table, not in the counts.
+        // The attention table, not the counts, lists the rows that still
+        // need attention. Every counted row is recorded there in the same
+        // transaction, and a sweep may add rows the pass counted as fine. A
+        // sweep that rotates a listed row (rejected before its cause was
+        // fixed) removes it, while the counts keep the job's history.
         let listed = self
             .attention
             .iter()
@@ -75,7 +78,7 @@ impl RunSummary {
         // Sweeps that still found old-key values in their last round did not
         // settle: the application may still be writing under an old key.
         let unsettled = self.sweep_last_found > 0;
-        if self.total().attention() > 0 || self.attention_needs_action > 0 || listed || unsettled {
+        if self.attention_needs_action > 0 || listed || unsettled {
             crate::exit::NEEDS_ATTENTION
         } else {
             crate::exit::SUCCESS

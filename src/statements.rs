@@ -48,6 +48,8 @@ pub struct Statements {
     pub position: String,
     /// Records rows needing attention.
     pub attention: String,
+    /// Removes rows from the attention list once a sweep has rotated them.
+    pub clear_attention: String,
     /// The largest key, which fixes the scan's upper bound.
     pub max_key: String,
     /// Row count of the table.
@@ -231,6 +233,10 @@ impl Statements {
              ON CONFLICT (job, target, key) DO UPDATE SET outcome = EXCLUDED.outcome, recorded_at = now()"
         );
 
+        let clear_attention = format!(
+            "DELETE FROM {q}.attention WHERE job = $1 AND target = $2 AND key = ANY($3::text[])"
+        );
+
         let descending = key_names
             .iter()
             .map(|k| format!("{k} DESC"))
@@ -261,6 +267,7 @@ impl Statements {
             sweep_checkpoint,
             position,
             attention,
+            clear_attention,
             max_key,
             count,
             split_points,

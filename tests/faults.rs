@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{output_text, run_command, KeyFile, TestDb};
+use common::{encrypt_only_under, output_text, run_command, KeyFile, TestDb};
 use reencrypt::classify::{decrypt_to_string, encrypt_string};
 use reencrypt::keys::Key;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -73,20 +73,6 @@ fn counts(summary: &serde_json::Value, target: usize) -> HashMap<String, i64> {
         .iter()
         .map(|(name, value)| (name.clone(), value.as_i64().unwrap()))
         .collect()
-}
-
-/// Encrypts under `key` with fresh IVs until the value does not also decrypt
-/// under `other`. By an estimate, one single-block value in 1.6 million also
-/// decrypts under a second key (valid padding, about 1 in 256, and 15 random
-/// bytes of valid UTF-8, about 1 in 6000). A run rightly leaves such a value
-/// as ambiguous, so the tests' data avoids them.
-fn encrypt_only_under(key: &Key, other: &Key, plaintext: &str) -> String {
-    loop {
-        let value = encrypt_string(key, plaintext);
-        if decrypt_to_string(other, &value).is_none() {
-            return value;
-        }
-    }
 }
 
 /// `reencrypt run` against any database URL, as `common::run_command` builds it.

@@ -10,7 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    binary, load_vectors, output_text, run_command, KeyFile, TestDb, AMBIGUOUS_UNDER_A_AND_B,
+    binary, encrypt_only_under, load_vectors, output_text, run_command, KeyFile, TestDb,
+    AMBIGUOUS_UNDER_A_AND_B,
 };
 use reencrypt::classify::{decrypt_to_string, encrypt_string, Keyring, Outcome};
 use reencrypt::keys::Key;
@@ -387,14 +388,17 @@ async fn plan_sample_scales_counts() {
     db.exec("CREATE TABLE creds (id int PRIMARY KEY, secret text)")
         .await;
     // Old-key and current values alternate, so every page contains both.
+    // None reads under the other key too, so the counts are exact.
     let ids: Vec<i32> = (1..=20_000).collect();
     let values: Vec<String> = ids
         .iter()
         .map(|id| {
-            encrypt_string(
-                if id % 2 == 0 { &old.key } else { &new.key },
-                &format!("v-{id}"),
-            )
+            let (key, other) = if id % 2 == 0 {
+                (&old.key, &new.key)
+            } else {
+                (&new.key, &old.key)
+            };
+            encrypt_only_under(key, other, &format!("v-{id}"))
         })
         .collect();
     sqlx::query("INSERT INTO creds SELECT * FROM unnest($1::int4[], $2::text[])")

@@ -499,6 +499,47 @@ async fn deferred_trigger_rejects_rows() {
 }
 
 #[tokio::test]
+async fn rejected_rows_rotate_once_fixed() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 200;
+    fill(&db, rows, &old.key).await;
+    db.exec(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN IF NEW.id % 10 = 0 THEN RAISE EXCEPTION 'frozen'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION refuse()",
+    )
+    .await;
+    let (code, summary, text) = run_json(&mut run_command(
+        &db,
+        &["t.secret"],
+        &[&old.path],
+        &new.path,
+    ));
+    assert_eq!(code, 3, "{text}");
+    assert_eq!(first_target_count(&summary, "write_rejected"), 20, "{text}");
+
+    // The operator removes the cause and runs the same command again.
+    db.exec("DROP TRIGGER refuse ON t").await;
+    let (code, summary, text) = run_json(&mut run_command(
+        &db,
+        &["t.secret"],
+        &[&old.path],
+        &new.path,
+    ));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        first_target_count(&summary, "sweep_reencrypted"),
+        20,
+        "{text}"
+    );
+    assert_eq!(summary["attention_needs_action"], 0, "{text}");
+    assert_eq!(summary["attention_total"], 0, "{text}");
+    assert_reads(&db, &new.key, rows, plaintext).await;
+}
+
+#[tokio::test]
 async fn unsettled_sweeps_exit_3() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
