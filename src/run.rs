@@ -79,6 +79,21 @@ pub async fn resolve_targets(
     tx.commit()
         .await
         .map_err(|e| Failure::from_database("cannot read the catalog", &e))?;
+    // A unique key for a table no target is in would be ignored, which
+    // hides a misspelt table name.
+    if let Some(unused) = unique_keys.iter().find(|u| {
+        !targets
+            .iter()
+            .any(|t| t.table == u.table && u.schema.as_deref().is_none_or(|s| s == t.schema))
+    }) {
+        let table = match &unused.schema {
+            Some(schema) => format!("{schema}.{}", unused.table),
+            None => unused.table.clone(),
+        };
+        return Err(Failure::Config(format!(
+            "--unique-key names table {table}, which no --target is in; name the table of a target"
+        )));
+    }
     Ok(targets)
 }
 

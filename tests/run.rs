@@ -756,6 +756,15 @@ async fn bad_input_exits_2_and_writes_nothing() {
             "has type integer",
         ),
         (
+            "unique key of a table no target is in",
+            [
+                args(&["t.secret"], &old.path, &new.path),
+                vec!["--unique-key".into(), "nosuch=id".into()],
+            ]
+            .concat(),
+            "no --target is in",
+        ),
+        (
             "generated column",
             args(&["t.shown"], &old.path, &new.path),
             "is a generated column",
