@@ -270,26 +270,19 @@ impl Batch {
         (self, tail)
     }
 
-    /// Deals the rows out in turn: even rows to the first batch, odd rows to
-    /// the second. The first has no end, so its checkpoint leaves the range's
-    /// position where it is; the second ends where this batch did.
-    fn interleave(self) -> (Batch, Batch) {
-        fn deal<T>(items: Vec<T>) -> (Vec<T>, Vec<T>) {
-            let mut even = Vec::with_capacity(items.len() / 2 + 1);
-            let mut odd = Vec::with_capacity(items.len() / 2);
-            for (row, item) in items.into_iter().enumerate() {
-                if row % 2 == 0 {
-                    even.push(item);
-                } else {
-                    odd.push(item);
-                }
-            }
-            (even, odd)
-        }
-        let (first_keys, second_keys) = self.keys.into_iter().map(deal).unzip();
-        let (first_values, second_values) = deal(self.values);
-        let (first_positions, second_positions) = deal(self.positions);
-        let (first_newer, second_newer) = deal(self.newer);
+    /// Deals the rows out: those marked in `to_first` to the first batch,
+    /// the others to the second, each in its order. The first has no end, so
+    /// its checkpoint leaves the range's position where it is; the second
+    /// ends where this batch did.
+    fn deal_out(self, to_first: &[bool]) -> (Batch, Batch) {
+        let (first_keys, second_keys) = self
+            .keys
+            .into_iter()
+            .map(|column| deal(column, to_first))
+            .unzip();
+        let (first_values, second_values) = deal(self.values, to_first);
+        let (first_positions, second_positions) = deal(self.positions, to_first);
+        let (first_newer, second_newer) = deal(self.newer, to_first);
         (
             Batch {
                 keys: first_keys,
@@ -313,6 +306,21 @@ impl Batch {
     }
 }
 
+/// Splits `items` in two by `to_first`, keeping their order; a shorter mask
+/// sends the rest to the second part.
+fn deal<T>(items: Vec<T>, to_first: &[bool]) -> (Vec<T>, Vec<T>) {
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    for (row, item) in items.into_iter().enumerate() {
+        if to_first.get(row).copied().unwrap_or(false) {
+            first.push(item);
+        } else {
+            second.push(item);
+        }
+    }
+    (first, second)
+}
+
 /// The transactions a window read in physical order is written in.
 ///
 /// Updating a row puts its new version on the same page when the page has
@@ -320,16 +328,18 @@ impl Batch {
 /// index. A page read from a table that was just loaded has no room, so the
 /// first update of each of its rows goes to another page, and inserts an
 /// index entry at a random place in a large index. Writing a window in two
-/// transactions halves those inserts: the first rewrites every other row,
-/// a read of the window then prunes the old versions it left, and the
-/// second rewrites the rest into the room that made.
+/// transactions halves those inserts. The first rewrites every other row to
+/// rewrite, and counts only those. A read of the window then prunes the old
+/// versions they left, and the second rewrites the rest into the room that
+/// made and counts every other row. So a resumed pass that reads the window
+/// again finds the first's rows already rewritten and leaves them out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     /// Written in one transaction.
     Whole,
-    /// The window's even rows, written first.
+    /// Every other row to rewrite, written first.
     First,
-    /// The window's odd rows. `revisit` is set until the window's pages
+    /// The window's other rows. `revisit` is set until the window's pages
     /// have been read again.
     Second { revisit: bool },
 }
@@ -458,19 +468,18 @@ impl ClassifiedBatch {
 
     /// Splits a window into its two phases; see `Phase`.
     fn into_phases(self) -> (ClassifiedBatch, ClassifiedBatch) {
-        let (first_decisions, second_decisions) = {
-            let mut first = Vec::with_capacity(self.decisions.len() / 2 + 1);
-            let mut second = Vec::with_capacity(self.decisions.len() / 2);
-            for (row, decision) in self.decisions.into_iter().enumerate() {
-                if row % 2 == 0 {
-                    first.push(decision);
-                } else {
-                    second.push(decision);
-                }
-            }
-            (first, second)
-        };
-        let (first, second) = self.batch.interleave();
+        let mut rewrites = 0;
+        let to_first: Vec<bool> = self
+            .decisions
+            .iter()
+            .map(|decision| {
+                let first = decision.new_value.is_some() && rewrites % 2 == 0;
+                rewrites += usize::from(decision.new_value.is_some());
+                first
+            })
+            .collect();
+        let (first_decisions, second_decisions) = deal(self.decisions, &to_first);
+        let (first, second) = self.batch.deal_out(&to_first);
         (
             ClassifiedBatch {
                 batch: first,
@@ -649,6 +658,9 @@ pub async fn run_range(
     // Write batches in order; split a batch that timed out.
     let mut totals = RangeOutcome::default();
     let mut pending: Vec<ClassifiedBatch> = Vec::new();
+    // Set while a window written in two phases has committed a part and has
+    // parts still to write.
+    let mut window_started = false;
     let result = loop {
         let mut next = match pending.pop() {
             Some(batch) => batch,
@@ -666,10 +678,15 @@ pub async fn run_range(
         if settings.lease_lost.load(Ordering::SeqCst) {
             break Err(RangeError::LeaseLost);
         }
-        // A stop request ends a throttle wait at once: the batch is not written.
-        tokio::select! {
-            _ = settings.throttle.wait(&work.target_label, next.batch.len()) => {}
-            _ = stop_requested(&settings.stop) => break Err(RangeError::Interrupted),
+        // A stop request ends a throttle wait at once: the batch is not
+        // written. A window whose first write committed is finished first,
+        // without waiting.
+        let finishing = window_started && settings.stop.load(Ordering::SeqCst);
+        if !finishing {
+            tokio::select! {
+                _ = settings.throttle.wait(&work.target_label, next.batch.len()) => {}
+                _ = stop_requested(&settings.stop) => break Err(RangeError::Interrupted),
+            }
         }
 
         let rows = next.batch.len();
@@ -733,7 +750,8 @@ pub async fn run_range(
             }
             Err(error) => break Err(error),
         }
-        if settings.stop.load(Ordering::SeqCst) {
+        window_started = pending.iter().any(|batch| batch.phase != Phase::Whole);
+        if settings.stop.load(Ordering::SeqCst) && !window_started {
             break Err(RangeError::Interrupted);
         }
     };
@@ -1157,10 +1175,25 @@ async fn write_with_retry(
     let started = Instant::now();
     let mut attempt = 0;
     let mut isolate = false;
-    // Set after a failure that may have come after the commit went through.
+    // Set after a failure that may have come after the commit went through,
+    // with the transaction's ID when it is known.
     let mut maybe_committed = false;
+    let mut committing: Option<i64> = None;
     loop {
         attempt += 1;
+        if let Some(transaction) = committing.take() {
+            match transaction_committed(settings, transaction).await {
+                Ok(Some(true)) => {
+                    tracing::info!(target = %work.target_label, range = work.range_index, "The batch had committed before its connection failed; it is not written again.");
+                    return Ok(WriteResult::Committed(tally(&batch), None));
+                }
+                Ok(Some(false)) => maybe_committed = false,
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(target = %work.target_label, error = %db::describe(&error), "Could not read whether the batch's transaction committed; checking the range's checkpoint.");
+                }
+            }
+        }
         if maybe_committed && pass == Pass::Main {
             match already_committed(settings, statements, work, &batch).await {
                 Ok(true) => {
@@ -1181,10 +1214,25 @@ async fn write_with_retry(
                 // under a savepoint, to find the row and let the rest through.
                 isolate = true;
             }
+            Err(WriteError::AtCommit(transaction, error)) => {
+                let kind = transient_or_fail(&error)?;
+                maybe_committed = true;
+                committing = Some(transaction);
+                retry_after(
+                    settings,
+                    &work.target_label,
+                    "write",
+                    kind,
+                    &error,
+                    attempt,
+                    started,
+                )
+                .await?;
+            }
             Err(WriteError::Database(error)) => {
                 let kind = transient_or_fail(&error)?;
-                maybe_committed =
-                    kind == TransientKind::Connection || kind == TransientKind::ServerShutdown;
+                // Only a failed COMMIT can leave the batch committed.
+                maybe_committed = false;
                 if kind == TransientKind::StatementTimeout {
                     if let Some(half) = batch.batch.split_point() {
                         metrics::record_retry(kind.label());
@@ -1205,6 +1253,25 @@ async fn write_with_retry(
             }
         }
     }
+}
+
+/// Reads whether the transaction with this ID committed: `None` when the
+/// server no longer keeps its status.
+async fn transaction_committed(
+    settings: &PipelineSettings,
+    transaction: i64,
+) -> Result<Option<bool>, sqlx::Error> {
+    let mut tx = settings.db.begin_read_only().await?;
+    let status: Option<String> = sqlx::query_scalar("SELECT txid_status($1)")
+        .bind(transaction)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(match status.as_deref() {
+        Some("committed") => Some(true),
+        Some("aborted") => Some(false),
+        _ => None,
+    })
 }
 
 /// Tells whether the range's checkpoint is already at the batch's last key.
@@ -1282,6 +1349,9 @@ enum WriteError {
     /// The database rejected the batch because of some row's new value.
     RowRejected,
     Database(sqlx::Error),
+    /// The COMMIT of the transaction with this ID failed, so it may or may
+    /// not have committed.
+    AtCommit(i64, sqlx::Error),
 }
 
 impl From<sqlx::Error> for WriteError {
@@ -1469,7 +1539,9 @@ async fn write(
         return Err(WriteError::LeaseLost);
     };
     release_buffers(&mut tx);
-    tx.commit().await?;
+    if let Err(error) = tx.commit().await {
+        return Err(WriteError::AtCommit(transaction, error));
+    }
     let writer = (!savepoints).then(|| xid32(transaction));
 
     // A sweep re-reads rows the main pass already counted, so it reports only
@@ -1751,15 +1823,24 @@ mod tests {
         assert!(!window.worth_two_phases(Pass::Sweep));
         assert!(!classified(MIN_ROWS_FOR_TWO_PHASES - 1, "(9,0)").worth_two_phases(Pass::Main));
 
+        // Row 3 is under the new key already: it has nothing to write.
+        let mut window = window;
+        window.decisions[2] = Decision {
+            outcome: Outcome::Current,
+            new_value: None,
+            old_key_index: None,
+        };
         let (first, second) = window.into_phases();
         assert_eq!(first.phase, Phase::First);
         assert_eq!(second.phase, Phase::Second { revisit: true });
         assert!(!first.worth_two_phases(Pass::Main));
         assert!(!second.worth_two_phases(Pass::Main));
-        assert_eq!(first.batch.keys[0][..3], ["1", "3", "5"]);
-        assert_eq!(second.batch.keys[0][..3], ["2", "4", "6"]);
-        assert_eq!(first.batch.positions[1], "(0,3)");
-        assert_eq!(second.batch.positions[1], "(0,4)");
+        // Every other row to rewrite goes first; the rest, row 3 too, second.
+        assert_eq!(first.batch.keys[0][..3], ["1", "4", "6"]);
+        assert_eq!(second.batch.keys[0][..3], ["2", "3", "5"]);
+        assert_eq!(first.batch.positions[1], "(0,4)");
+        assert_eq!(second.batch.positions[1], "(0,3)");
+        assert!(first.decisions.iter().all(|d| d.new_value.is_some()));
         // Each row keeps its own value and decision.
         for part in [&first, &second] {
             for (row, key) in part.batch.keys[0].iter().enumerate() {
@@ -1767,7 +1848,8 @@ mod tests {
                     part.batch.values[row].as_deref(),
                     Some(format!("old {key}").as_str())
                 );
-                assert_eq!(part.decisions[row].new_value, Some(format!("new {key}")));
+                let expected = (key != "3").then(|| format!("new {key}"));
+                assert_eq!(part.decisions[row].new_value, expected);
             }
         }
         assert!(first.batch.end.is_empty());
