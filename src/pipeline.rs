@@ -1175,164 +1175,113 @@ async fn write_with_retry(
     let started = Instant::now();
     let mut attempt = 0;
     let mut isolate = false;
-    // Set after a failure that may have come after the commit went through,
-    // with the transaction's ID when it is known.
-    let mut maybe_committed = false;
-    let mut committing: Option<i64> = None;
+    // The ID of a transaction whose COMMIT failed: it may have committed.
+    let mut failed_commit: Option<i64> = None;
     loop {
         attempt += 1;
-        if let Some(transaction) = committing.take() {
-            match transaction_committed(settings, transaction).await {
-                Ok(Some(true)) => {
-                    tracing::info!(target = %work.target_label, range = work.range_index, "The batch had committed before its connection failed; it is not written again.");
+        if let Some(transaction) = failed_commit {
+            let status = match commit_status(settings, transaction).await {
+                Ok(status) => status,
+                Err(error) => {
+                    let kind = transient_or_fail(&error)?;
+                    retry_after(
+                        settings,
+                        &work.target_label,
+                        "write",
+                        kind,
+                        &error,
+                        attempt,
+                        started,
+                    )
+                    .await?;
+                    continue;
+                }
+            };
+            match status.as_deref() {
+                Some("committed") => {
+                    tracing::info!(target = %work.target_label, range = work.range_index, transaction, "The batch had committed before its connection failed; it is not written again.");
                     return Ok(WriteResult::Committed(tally(&batch), None));
                 }
-                Ok(Some(false)) => maybe_committed = false,
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::warn!(target = %work.target_label, error = %db::describe(&error), "Could not read whether the batch's transaction committed; checking the range's checkpoint.");
+                Some("in progress") => {
+                    let error = sqlx::Error::Protocol(format!(
+                        "the COMMIT of transaction {transaction} is still in progress"
+                    ));
+                    retry_after(
+                        settings,
+                        &work.target_label,
+                        "write",
+                        TransientKind::Connection,
+                        &error,
+                        attempt,
+                        started,
+                    )
+                    .await?;
+                    continue;
+                }
+                Some(_) => {}
+                // NOTE: only for a transaction older than the server keeps
+                // status for, so not expected within the retry budget.
+                None => {
+                    tracing::warn!(target = %work.target_label, range = work.range_index, transaction, "The server no longer knows whether the batch's transaction committed; writing the batch again, which may count it twice.");
                 }
             }
+            failed_commit = None;
         }
-        if maybe_committed && pass == Pass::Main {
-            match already_committed(settings, statements, work, &batch).await {
-                Ok(true) => {
-                    tracing::info!(target = %work.target_label, range = work.range_index, "The batch had committed before its connection failed; it is not written again.");
-                    return Ok(WriteResult::Committed(tally(&batch), None));
-                }
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::warn!(target = %work.target_label, error = %db::describe(&error), "Could not read the range's checkpoint; writing the batch again.");
-                }
-            }
-        }
-        match write(settings, statements, work, pass, &batch, isolate).await {
+
+        let error = match write(settings, statements, work, pass, &batch, isolate).await {
             Ok((counts, writer)) => return Ok(WriteResult::Committed(counts, writer)),
             Err(WriteError::LeaseLost) => return Err(RangeError::LeaseLost),
             Err(WriteError::RowRejected) => {
                 // Some row's new value was rejected: write again with each part
                 // under a savepoint, to find the row and let the rest through.
                 isolate = true;
+                continue;
             }
             Err(WriteError::AtCommit(transaction, error)) => {
-                let kind = transient_or_fail(&error)?;
-                maybe_committed = true;
-                committing = Some(transaction);
-                retry_after(
-                    settings,
-                    &work.target_label,
-                    "write",
-                    kind,
-                    &error,
-                    attempt,
-                    started,
-                )
-                .await?;
+                failed_commit = Some(transaction);
+                error
             }
-            Err(WriteError::Database(error)) => {
-                let kind = transient_or_fail(&error)?;
-                // Only a failed COMMIT can leave the batch committed.
-                maybe_committed = false;
-                if kind == TransientKind::StatementTimeout {
-                    if let Some(half) = batch.batch.split_point() {
-                        metrics::record_retry(kind.label());
-                        let (head, tail) = batch.split(half);
-                        return Ok(WriteResult::Split(Box::new((head, tail))));
-                    }
-                }
-                retry_after(
-                    settings,
-                    &work.target_label,
-                    "write",
-                    kind,
-                    &error,
-                    attempt,
-                    started,
-                )
-                .await?;
+            Err(WriteError::Database(error)) => error,
+        };
+        let kind = transient_or_fail(&error)?;
+        // A batch that timed out before its COMMIT is written again in halves.
+        if kind == TransientKind::StatementTimeout && failed_commit.is_none() {
+            if let Some(half) = batch.batch.split_point() {
+                metrics::record_retry(kind.label());
+                let (head, tail) = batch.split(half);
+                return Ok(WriteResult::Split(Box::new((head, tail))));
             }
         }
+        retry_after(
+            settings,
+            &work.target_label,
+            "write",
+            kind,
+            &error,
+            attempt,
+            started,
+        )
+        .await?;
     }
 }
 
-/// Reads whether the transaction with this ID committed: `None` when the
-/// server no longer keeps its status.
-async fn transaction_committed(
+/// Reads the status of the transaction with this ID: `committed`,
+/// `aborted`, `in progress`, or `None` when the server no longer keeps it.
+async fn commit_status(
     settings: &PipelineSettings,
     transaction: i64,
-) -> Result<Option<bool>, sqlx::Error> {
+) -> Result<Option<String>, sqlx::Error> {
     let mut tx = settings.db.begin_read_only().await?;
-    let status: Option<String> = sqlx::query_scalar("SELECT txid_status($1)")
+    let status = sqlx::query_scalar("SELECT txid_status($1)")
         .bind(transaction)
         .fetch_one(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(match status.as_deref() {
-        Some("committed") => Some(true),
-        Some("aborted") => Some(false),
-        _ => None,
-    })
-}
-
-/// Tells whether the range's checkpoint is already at the batch's last key.
-/// Then the batch committed and only the reply to its COMMIT was lost, and
-/// writing it again would count the batch twice. A batch without an end
-/// leaves the position as it was. It committed if any of its rows contains
-/// one of the values it wrote, which are new ciphertexts under random IVs.
-async fn already_committed(
-    settings: &PipelineSettings,
-    statements: &Statements,
-    work: &RangeWork,
-    classified: &ClassifiedBatch,
-) -> Result<bool, sqlx::Error> {
-    let batch = &classified.batch;
-    if batch.len() == 0 {
-        return Ok(false);
-    }
-    if batch.end.is_empty() {
-        let written: Vec<usize> = (0..batch.len())
-            .filter(|&r| classified.decisions[r].new_value.is_some())
-            .collect();
-        if written.is_empty() {
-            return Ok(false);
-        }
-        let mut query = sqlx::query_scalar::<_, bool>(&statements.holds_any);
-        for column in &batch.keys {
-            query = query.bind(
-                written
-                    .iter()
-                    .map(|&r| column[r].as_str())
-                    .collect::<Vec<_>>(),
-            );
-        }
-        let values: Vec<&str> = written
-            .iter()
-            .map(|&r| {
-                classified.decisions[r]
-                    .new_value
-                    .as_deref()
-                    .unwrap_or_default()
-            })
-            .collect();
-        let mut tx = settings.db.begin_read_only().await?;
-        let holds = query.bind(values).fetch_one(&mut *tx).await?;
-        tx.commit().await?;
-        return Ok(holds);
-    }
-    let mut tx = settings.db.begin_read_only().await?;
-    let position: Option<Vec<String>> = sqlx::query_scalar(&statements.position)
-        .bind(&settings.job)
-        .bind(&work.target_label)
-        .bind(work.range_index)
-        .fetch_optional(&mut *tx)
-        .await?
-        .flatten();
-    tx.commit().await?;
-    Ok(position.as_ref() == Some(&batch.end))
+    Ok(status)
 }
 
 /// Counts a batch as classified, for a batch whose commit is known only from
-/// its checkpoint.
+/// its transaction's status.
 fn tally(classified: &ClassifiedBatch) -> Counts {
     let mut counts = Counts::default();
     for decision in &classified.decisions {

@@ -31,9 +31,6 @@ pub struct Statements {
     /// lets PostgreSQL prune the row versions on it that no transaction can
     /// see any more, which makes room for the next updates on that page.
     pub revisit: String,
-    /// Whether any of the given rows, by key, contains one of the given
-    /// values. Then the transaction that wrote them committed.
-    pub holds_any: String,
     /// Locks rows by key and reads their current values and positions;
     /// returns ordinals.
     pub lock: String,
@@ -44,8 +41,6 @@ pub struct Statements {
     /// Adds a sweep's counts, if this runner still holds the lease; returns
     /// the transaction's ID.
     pub sweep_checkpoint: String,
-    /// A range's checkpointed position.
-    pub position: String,
     /// Records rows needing attention.
     pub attention: String,
     /// Removes rows from the attention list once a sweep has rotated them.
@@ -185,15 +180,6 @@ impl Statements {
         let revisit = format!(
             "SELECT count(*) FROM {table} AS t WHERE t.ctid >= $1::tid AND t.ctid <= $2::tid"
         );
-        let holds_any = format!(
-            "SELECT EXISTS (SELECT 1 FROM unnest({}) AS u({}, new_value) JOIN {table} AS t ON {join_keys} \
-             WHERE t.{column}::text COLLATE \"C\" = u.new_value COLLATE \"C\")",
-            (1..=key_len + 1)
-                .map(|i| format!("${i}::text[]"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            array_columns.join(", ")
-        );
         let write_in_key_order =
             write_from(&format!("(SELECT * FROM {rows} ORDER BY {key_order}) AS u"));
         let lock_arrays = (1..=key_len)
@@ -223,9 +209,6 @@ impl Statements {
             "UPDATE {q}.ranges SET sweep_reencrypted = sweep_reencrypted + $6, conflicts = conflicts + $7, \
              updated_at = now() WHERE job = $1 AND target = $2 AND range_index = $3 AND {lease_check} \
              RETURNING txid_current()"
-        );
-        let position = format!(
-            "SELECT last_key FROM {q}.ranges WHERE job = $1 AND target = $2 AND range_index = $3"
         );
         let attention = format!(
             "INSERT INTO {q}.attention (job, target, key, outcome) \
@@ -261,11 +244,9 @@ impl Statements {
             write_in_key_order,
             by_position,
             revisit,
-            holds_any,
             lock,
             checkpoint,
             sweep_checkpoint,
-            position,
             attention,
             clear_attention,
             max_key,

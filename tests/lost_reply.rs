@@ -1,9 +1,9 @@
 //! A batch whose COMMIT succeeds but whose reply never arrives: the worker
-//! retries it, finds that it committed, and neither writes the batch again
-//! nor counts it twice. In physical order each window is written in two
-//! transactions, and the first leaves the checkpoint's position as it was.
-//! The worker then checks for the values it wrote. A worker killed between
-//! the two leaves a job that resumes with every row counted once.
+//! asks the server whether the batch's transaction committed, and neither
+//! writes the batch again nor counts it twice. In physical order each window
+//! is written in two transactions, and the first leaves the checkpoint's
+//! position as it was. A worker killed between the two leaves a job that
+//! resumes with every row counted once.
 
 mod common;
 
