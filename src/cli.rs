@@ -219,9 +219,9 @@ pub struct RunArgs {
 
     /// Final sweeps after the keyset pass: read the rows changed since the pass
     /// read them, for values under an old key (written by stale application
-    /// replicas), and rotate them. 0 turns sweeps off: values written under
-    /// an old key during the pass are then not looked for, and exit code 0
-    /// means only that the pass finished; run `verify` before retiring the key.
+    /// replicas), and rotate them. 0 turns sweeps off. Then values written
+    /// under an old key during the pass are not looked for, and exit code 0
+    /// means only that the pass finished, so run `verify` before retiring the key.
     #[arg(long, env = "REENCRYPT_MAX_SWEEPS", default_value_t = DEFAULT_MAX_SWEEPS)]
     pub max_sweeps: u32,
 

@@ -328,11 +328,11 @@ fn deal<T>(items: Vec<T>, to_first: &[bool]) -> (Vec<T>, Vec<T>) {
 /// index. A page read from a table that was just loaded has no room, so the
 /// first update of each of its rows goes to another page, and inserts an
 /// index entry at a random place in a large index. Writing a window in two
-/// transactions halves those inserts. The first rewrites every other row to
-/// rewrite, and counts only those. A read of the window then prunes the old
-/// versions they left, and the second rewrites the rest into the room that
-/// made and counts every other row. So a resumed pass that reads the window
-/// again finds the first's rows already rewritten and leaves them out.
+/// transactions halves those inserts. The first rewrites every other row
+/// that needs it, and counts only those. A read of the window then prunes
+/// the old versions they left. The second rewrites the remaining rows into
+/// the room that made, and counts all the rows not counted yet. So a resumed
+/// pass that reads the window again leaves the first's rows out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     /// Written in one transaction.
@@ -379,7 +379,7 @@ async fn revisit(
         tx.commit().await
     };
     if let Err(error) = read.await {
-        tracing::debug!(target = %work.target_label, error = %db::describe(&error), "Could not read a window again before its second write.");
+        tracing::debug!(target = %work.target_label, range = work.range_index, error = %db::describe(&error), "Could not read a window again before its second write.");
     }
 }
 
@@ -658,9 +658,8 @@ pub async fn run_range(
     // Write batches in order; split a batch that timed out.
     let mut totals = RangeOutcome::default();
     let mut pending: Vec<ClassifiedBatch> = Vec::new();
-    // Set while a window written in two phases has committed a part and has
-    // parts still to write.
-    let mut window_started = false;
+    // Set while parts of a window written in two phases are still to write.
+    let mut window_open = false;
     let result = loop {
         let mut next = match pending.pop() {
             Some(batch) => batch,
@@ -678,10 +677,9 @@ pub async fn run_range(
         if settings.lease_lost.load(Ordering::SeqCst) {
             break Err(RangeError::LeaseLost);
         }
-        // A stop request ends a throttle wait at once: the batch is not
-        // written. A window whose first write committed is finished first,
-        // without waiting.
-        let finishing = window_started && settings.stop.load(Ordering::SeqCst);
+        // A stop request ends a throttle wait at once, and the batch is not
+        // written. An open window is finished first, without waiting.
+        let finishing = window_open && settings.stop.load(Ordering::SeqCst);
         if !finishing {
             tokio::select! {
                 _ = settings.throttle.wait(&work.target_label, next.batch.len()) => {}
@@ -750,8 +748,8 @@ pub async fn run_range(
             }
             Err(error) => break Err(error),
         }
-        window_started = pending.iter().any(|batch| batch.phase != Phase::Whole);
-        if settings.stop.load(Ordering::SeqCst) && !window_started {
+        window_open = pending.iter().any(|batch| batch.phase != Phase::Whole);
+        if settings.stop.load(Ordering::SeqCst) && !window_open {
             break Err(RangeError::Interrupted);
         }
     };

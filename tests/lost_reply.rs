@@ -1,5 +1,5 @@
 //! A batch whose COMMIT succeeds but whose reply never arrives: the worker
-//! asks the server whether the batch's transaction committed, and neither
+//! reads the status of the batch's transaction from the server, and neither
 //! writes the batch again nor counts it twice. In physical order each window
 //! is written in two transactions, and the first leaves the checkpoint's
 //! position as it was. A worker killed between the two leaves a job that
@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,8 @@ use common::{
 use reencrypt::classify::decrypt_to_string;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+const PHYSICAL: [&str; 2] = ["--scan-order", "physical"];
 
 /// Starts a TCP proxy to the local PostgreSQL. On the `drop_at`-th COMMIT
 /// after a checkpoint statement, it passes the COMMIT on, lets the server
@@ -77,13 +80,24 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
         .any(|window| window == needle)
 }
 
-/// Returns the URL of `db` through a proxy on `port`, without TLS so that
-/// the proxy can see the statements.
-fn through_proxy(db: &TestDb, port: u16) -> String {
-    format!(
+/// Returns `reencrypt run` on `t.secret` of `db` with batches of 100 rows
+/// and the extra `args`, through a proxy on `port`. It connects without TLS,
+/// so that the proxy can see the statements.
+fn proxied_run(db: &TestDb, port: u16, old: &KeyFile, new: &KeyFile, args: &[&str]) -> Command {
+    let url = format!(
         "{}?sslmode=disable",
         db.url.replace(":5432/", &format!(":{port}/"))
-    )
+    );
+    let mut command = binary();
+    command
+        .args(["run", "--database-url", &url, "--target", "t.secret"])
+        .args(["--metrics-listen", "off", "--batch-size", "100"])
+        .args(args)
+        .arg("--old-key-file")
+        .arg(&old.path)
+        .arg("--new-key-file")
+        .arg(&new.path);
+    command
 }
 
 /// Loses the reply to the `drop_at`-th checkpointed COMMIT of a run with
@@ -96,16 +110,7 @@ async fn counts_once(args: &[&str], drop_at: usize) {
     fill(&db, rows, &old.key).await;
 
     let (port, commits) = lossy_proxy(drop_at).await;
-    let url = through_proxy(&db, port);
-    let mut command = binary();
-    command
-        .args(["run", "--database-url", &url, "--target", "t.secret"])
-        .args(["--metrics-listen", "off", "--batch-size", "100"])
-        .args(args)
-        .arg("--old-key-file")
-        .arg(&old.path)
-        .arg("--new-key-file")
-        .arg(&new.path);
+    let mut command = proxied_run(&db, port, &old, &new, args);
     let (code, summary, text) = tokio::task::spawn_blocking(move || run_json(&mut command))
         .await
         .unwrap();
@@ -129,12 +134,12 @@ async fn lost_commit_reply_counts_once() {
 #[tokio::test]
 async fn lost_reply_first_phase_counts_once() {
     // The first checkpointed COMMIT is the first of the first window's two.
-    counts_once(&["--scan-order", "physical"], 1).await;
+    counts_once(&PHYSICAL, 1).await;
 }
 
 #[tokio::test]
 async fn lost_reply_second_phase_counts_once() {
-    counts_once(&["--scan-order", "physical"], 2).await;
+    counts_once(&PHYSICAL, 2).await;
 }
 
 #[tokio::test]
@@ -154,15 +159,7 @@ async fn killed_between_phases_resumes() {
     // The first run is killed as soon as its first write of the first window
     // has committed, before the second write of that window.
     let (port, commits) = lossy_proxy(1).await;
-    let url = through_proxy(&db, port);
-    let mut child = binary()
-        .args(["run", "--database-url", &url, "--target", "t.secret"])
-        .args(["--metrics-listen", "off", "--batch-size", "100"])
-        .args(["--scan-order", "physical", "--progress", "off"])
-        .arg("--old-key-file")
-        .arg(&old.path)
-        .arg("--new-key-file")
-        .arg(&new.path)
+    let mut child = proxied_run(&db, port, &old, &new, &PHYSICAL)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -243,16 +240,7 @@ async fn lost_reply_after_trigger_counts_once() {
     .await;
 
     let (port, commits) = lossy_proxy(1).await;
-    let url = through_proxy(&db, port);
-    let mut command = binary();
-    command
-        .args(["run", "--database-url", &url, "--target", "t.secret"])
-        .args(["--metrics-listen", "off", "--batch-size", "100"])
-        .args(["--scan-order", "physical"])
-        .arg("--old-key-file")
-        .arg(&old.path)
-        .arg("--new-key-file")
-        .arg(&new.path);
+    let mut command = proxied_run(&db, port, &old, &new, &PHYSICAL);
     let (code, summary, text) = tokio::task::spawn_blocking(move || run_json(&mut command))
         .await
         .unwrap();
