@@ -506,9 +506,9 @@ async fn rejected_rows_rotate_once_fixed() {
     let rows = 200;
     fill(&db, rows, &old.key).await;
     db.exec(
-        "CREATE FUNCTION freeze() RETURNS trigger LANGUAGE plpgsql AS \
+        "CREATE FUNCTION frozen_rows() RETURNS trigger LANGUAGE plpgsql AS \
          $$ BEGIN IF NEW.id % 10 = 0 THEN RAISE EXCEPTION 'frozen'; END IF; RETURN NEW; END $$; \
-         CREATE TRIGGER freeze BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION freeze()",
+         CREATE TRIGGER frozen_rows BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION frozen_rows()",
     )
     .await;
     let (code, summary, text) = run_json(&mut run_command(
@@ -521,7 +521,7 @@ async fn rejected_rows_rotate_once_fixed() {
     assert_eq!(first_target_count(&summary, "write_rejected"), 20, "{text}");
 
     // The operator removes the cause and runs the same command again.
-    db.exec("DROP TRIGGER freeze ON t").await;
+    db.exec("DROP TRIGGER frozen_rows ON t").await;
     let (code, summary, text) = run_json(&mut run_command(
         &db,
         &["t.secret"],
