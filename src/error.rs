@@ -39,13 +39,13 @@ impl Failure {
     /// error of class 42 (a name already taken, a reserved schema, a missing
     /// privilege) comes back on every retry, so it is a configuration error.
     pub fn from_migration(schema: &str, error: &sqlx::Error) -> Failure {
-        let context = format!(
-            "cannot create the checkpoint tables in schema {schema:?} \
-             (choose a schema of the worker's own with --schema)"
-        );
+        let context = format!("cannot create the checkpoint tables in schema {schema:?}");
         if let sqlx::Error::Database(db) = error {
             if db.code().is_some_and(|code| code.starts_with("42")) {
-                return Failure::Config(format!("{context}: {}", crate::db::describe(error)));
+                return Failure::Config(format!(
+                    "{context}: {}; choose a schema for the worker's own tables with --schema",
+                    crate::db::describe(error)
+                ));
             }
         }
         Failure::from_database(&context, error)
