@@ -8,9 +8,9 @@ RUST_LOG=reencrypt::pipeline=debug. START and END are the Unix times around
 the process. Prints how the wall time splits into setup, pass, sweep
 and finish. Then prints percentiles of the pass's batches (rows and
 fetch, crypto and write milliseconds) and the peak resident set size.
-In physical order a window is written in two transactions, and each is
-logged as a batch with its phase. Here the two count as one batch, with the
-rows and milliseconds of both.
+In physical order a window is written in several transactions, and each is
+logged as a batch with its phase, such as 2/3. Here the phases of a window
+count as one batch, with the rows and milliseconds of all of them.
 """
 
 import json
@@ -34,20 +34,28 @@ def percentile(values, fraction):
 
 
 def merge_phases(batches):
-    """Joins each window's first phase with the second phase that follows it in the same range."""
-    merged, first_of = [], {}
+    """Joins the phases of each window, logged one after another in the same range, into one batch."""
+    merged, open_of = [], {}
     for batch in batches:
         phase, key = batch.get("phase", "whole"), batch.get("range")
-        if phase == "first":
-            first_of[key] = batch
+        if phase == "whole":
+            merged.append(batch)
             continue
-        first = first_of.pop(key, None) if phase == "second" else None
-        if first is not None:
-            batch = dict(batch)
+        # Builds before phases were numbered logged a window's two as first and second.
+        phase = {"first": "1/2", "second": "2/2"}.get(phase, phase)
+        number, _, of = phase.partition("/")
+        window = open_of.pop(key, None)
+        if window is not None:
+            window = dict(window)
             for field in ("rows", "fetch_ms", "crypto_ms", "write_ms"):
-                batch[field] = float(batch[field]) + float(first[field])
-        merged.append(batch)
-    return merged + list(first_of.values())
+                window[field] = float(window[field]) + float(batch[field])
+        else:
+            window = batch
+        if number == of:
+            merged.append(window)
+        else:
+            open_of[key] = window
+    return merged + list(open_of.values())
 
 
 def main():

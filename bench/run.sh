@@ -8,12 +8,12 @@
 # with pgcrypto) in the database reencrypt_bench, created if missing. Then, each
 # time on a fresh copy of the table after VACUUM ANALYZE and CHECKPOINT:
 #   1. the floor: one `UPDATE credentials SET client_secret = client_secret || ''`;
-#   2. the release binary, once per scan order in BENCH_ORDERS and writer
-#      count in BENCH_WRITERS;
+#   2. the release binary (or each of BENCH_BINARIES), once per scan order in
+#      BENCH_ORDERS and writer count in BENCH_WRITERS;
 # and prints rows/s, the ratio to the floor, the time spent before the first
-# range, in the keyset pass and in the final sweep, batch latency percentiles
-# and peak RSS. Each product run is checked: every row must read under the
-# new key.
+# range, in the keyset pass and in the final sweep, batch latency percentiles,
+# peak RSS, and how many updates were HOT (added no index entry). Each
+# product run is checked: every row must read under the new key.
 #
 # Environment:
 #   BENCH_SERVER   server URL without a database (default postgres://postgres@127.0.0.1:5432)
@@ -22,6 +22,9 @@
 #   BENCH_ARGS     extra arguments for every product run, e.g. "--max-sweeps 0"
 #   BENCH_KEEP     directory to keep logs and summaries in (default: a temporary one)
 #   BENCH_NO_BUILD set to 1 to measure target/release/reencrypt as it is
+#   BENCH_BINARIES paths of other builds to measure instead of the release
+#                  binary, each in turn after the same floor, for a side by side
+#                  comparison in one run (implies BENCH_NO_BUILD=1)
 # Needs psql, openssl, python3, cargo and GNU time (/usr/bin/time, Debian package `time`).
 set -euo pipefail
 
@@ -31,9 +34,21 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 server=${BENCH_SERVER:-postgres://postgres@127.0.0.1:5432}
 url="$server/reencrypt_bench"
-binary="$repo/target/release/reencrypt"
+binaries=("$repo/target/release/reencrypt")
+if [ -n "${BENCH_BINARIES:-}" ]; then
+  read -r -a binaries <<<"$BENCH_BINARIES"
+fi
+build=1
+[ "${BENCH_NO_BUILD:-0}" != 1 ] && [ -z "${BENCH_BINARIES:-}" ] || build=0
+if [ "$build" = 0 ]; then
+  for binary in "${binaries[@]}"; do
+    [ -x "$binary" ] || { echo "error: $binary is not an executable file" >&2; exit 2; }
+  done
+fi
 
-for tool in psql openssl python3 cargo /usr/bin/time; do
+tools=(psql openssl python3 /usr/bin/time)
+[ "$build" = 0 ] || tools+=(cargo)
+for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null || { echo "error: $tool not found (see the header of $0)" >&2; exit 2; }
 done
 
@@ -45,7 +60,7 @@ openssl rand -hex 32 >"$work/new.key"
 old_key=$(cat "$work/old.key")
 new_key=$(cat "$work/new.key")
 
-if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
+if [ "$build" = 1 ]; then
   echo "building the release binary"
   (cd "$repo" && cargo build --release --quiet)
 fi
@@ -108,10 +123,10 @@ end=$(now)
 floor_rate=$(rate "$start" "$end")
 printf 'floor: one UPDATE over %d rows: %.2f s, %d rows/s\n' "$rows" "$(python3 -c "print($end - $start)")" "$floor_rate"
 
-# Runs the product with the given scan order and writer count and prints its figures.
+# Runs a build of the product with the given scan order and writer count and prints its figures.
 measure() {
-  local order=$1 writers=$2
-  local log="$work/$order-$writers.log" summary="$work/$order-$writers.json" timing="$work/$order-$writers.time"
+  local binary=$1 order=$2 writers=$3 n=$4
+  local log="$work/$n-$order-$writers.log" summary="$work/$n-$order-$writers.json" timing="$work/$n-$order-$writers.time"
   fresh
   local start end code=0
   start=$(now)
@@ -131,17 +146,27 @@ measure() {
   local product_rate readable
   product_rate=$(rate "$start" "$end")
   readable=$(readable_under_new)
-  printf 'product, %s order, %d writer(s): %.2f s, %d rows/s, %.2f x the floor, rows readable under the new key: %d of %d\n' \
-    "$order" "$writers" "$(python3 -c "print($end - $start)")" "$product_rate" \
+  printf 'product %s, %s order, %d writer(s): %.2f s, %d rows/s, %.2f x the floor, rows readable under the new key: %d of %d\n' \
+    "$binary" "$order" "$writers" "$(python3 -c "print($end - $start)")" "$product_rate" \
     "$(python3 -c "print($product_rate / $floor_rate)")" "$readable" "$rows"
   python3 "$here/batch_stats.py" "$log" "$start" "$end" "$timing"
+  psql -qAt -F ' ' "$url" -c "SELECT n_tup_upd, n_tup_hot_upd, pg_size_pretty(pg_table_size('credentials'))
+    FROM pg_stat_user_tables WHERE relid = 'credentials'::regclass" |
+    while read -r updates hot size; do
+      printf '  updates: %d, HOT: %d (%.0f%%), table after the run: %s\n' "$updates" "$hot" \
+        "$(python3 -c "print(100 * $hot / max($updates, 1))")" "$size"
+    done
   [ "$readable" -eq "$rows" ] || { echo "error: $((rows - readable)) rows do not read under the new key" >&2; return 1; }
 }
 
 failed=0
 for order in ${BENCH_ORDERS:-key}; do
   for writers in ${BENCH_WRITERS:-1}; do
-    measure "$order" "$writers" || failed=1
+    n=0
+    for binary in "${binaries[@]}"; do
+      n=$((n + 1))
+      measure "$binary" "$order" "$writers" "$n" || failed=1
+    done
   done
 done
 exit "$failed"

@@ -270,55 +270,51 @@ impl Batch {
         (self, tail)
     }
 
-    /// Deals the rows out: those marked in `to_first` to the first batch,
-    /// the others to the second, each in its order. The first has no end, so
-    /// its checkpoint leaves the range's position where it is; the second
-    /// ends where this batch did.
-    fn deal_out(self, to_first: &[bool]) -> (Batch, Batch) {
-        let (first_keys, second_keys) = self
-            .keys
-            .into_iter()
-            .map(|column| deal(column, to_first))
-            .unzip();
-        let (first_values, second_values) = deal(self.values, to_first);
-        let (first_positions, second_positions) = deal(self.positions, to_first);
-        let (first_newer, second_newer) = deal(self.newer, to_first);
-        (
-            Batch {
-                keys: first_keys,
-                values: first_values,
-                positions: first_positions,
-                end: Vec::new(),
+    /// Deals the rows out into `parts` batches, row `r` to `part_of[r]`,
+    /// each in its order. Only the last part has the batch's end: the
+    /// checkpoints of the others leave the range's position where it is.
+    fn deal_out(self, part_of: &[usize], parts: usize) -> Vec<Batch> {
+        let mut keys: Vec<Vec<Vec<String>>> = (0..parts).map(|_| Vec::new()).collect();
+        for column in self.keys {
+            for (part, items) in deal(column, part_of, parts).into_iter().enumerate() {
+                keys[part].push(items);
+            }
+        }
+        let values = deal(self.values, part_of, parts);
+        let positions = deal(self.positions, part_of, parts);
+        let newer = deal(self.newer, part_of, parts);
+        let mut end = Some(self.end);
+        keys.into_iter()
+            .zip(values)
+            .zip(positions.into_iter().zip(newer))
+            .enumerate()
+            .map(|(part, ((keys, values), (positions, newer)))| Batch {
+                keys,
+                values,
+                positions,
+                end: if part + 1 == parts {
+                    end.take().unwrap_or_default()
+                } else {
+                    Vec::new()
+                },
                 physical: self.physical,
-                newer: first_newer,
-                fetch_seconds: self.fetch_seconds,
-            },
-            Batch {
-                keys: second_keys,
-                values: second_values,
-                positions: second_positions,
-                end: self.end,
-                physical: self.physical,
-                newer: second_newer,
-                fetch_seconds: 0.0,
-            },
-        )
+                newer,
+                fetch_seconds: if part == 0 { self.fetch_seconds } else { 0.0 },
+            })
+            .collect()
     }
 }
 
-/// Splits `items` in two by `to_first`, keeping their order; a shorter mask
-/// sends the rest to the second part.
-fn deal<T>(items: Vec<T>, to_first: &[bool]) -> (Vec<T>, Vec<T>) {
-    let mut first = Vec::new();
-    let mut second = Vec::new();
+/// Deals `items` out into `parts` lists, item `r` to `part_of[r]`, keeping
+/// their order. Items past the end of `part_of` go to the last list.
+fn deal<T>(items: Vec<T>, part_of: &[usize], parts: usize) -> Vec<Vec<T>> {
+    let mut dealt: Vec<Vec<T>> = (0..parts).map(|_| Vec::new()).collect();
     for (row, item) in items.into_iter().enumerate() {
-        if to_first.get(row).copied().unwrap_or(false) {
-            first.push(item);
-        } else {
-            second.push(item);
-        }
+        let part = part_of.get(row).copied().unwrap_or(parts - 1);
+        debug_assert!(part < parts, "row {row} dealt to part {part} of {parts}");
+        dealt[part.min(parts - 1)].push(item);
     }
-    (first, second)
+    dealt
 }
 
 /// The transactions a window read in physical order is written in.
@@ -327,39 +323,58 @@ fn deal<T>(items: Vec<T>, to_first: &[bool]) -> (Vec<T>, Vec<T>) {
 /// room (a HOT update), and then PostgreSQL adds no entry to the key's
 /// index. A page read from a table that was just loaded has no room, so the
 /// first update of each of its rows goes to another page, and inserts an
-/// index entry at a random place in a large index. Writing a window in two
-/// transactions halves those inserts. The first rewrites every other row
-/// that needs it, and counts only those. A read of the window then prunes
-/// the old versions they left. The second rewrites the remaining rows into
-/// the room that made, and counts all the rows not counted yet. So a resumed
-/// pass that reads the window again leaves the first's rows out.
+/// index entry at a random place in a large index. Writing a window in
+/// `PHASES_PER_WINDOW` transactions cuts those inserts to one row in that
+/// many. The first rewrites one row in `PHASES_PER_WINDOW` of those that
+/// need it, spread over the window, and counts only those. A read of the
+/// window then prunes the old versions they left, and the next phase
+/// rewrites as many rows again into the room that made, and so on. The last
+/// phase also counts the rows with nothing to write. So a resumed pass that
+/// reads the window again leaves out the rows of the phases that committed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     /// Written in one transaction.
     Whole,
-    /// Every other row to rewrite, written first.
-    First,
-    /// The window's other rows. `revisit` is set until the window's pages
-    /// have been read again.
-    Second { revisit: bool },
+    /// Phase `number`, from 1, of a window written in `of` phases. Phases
+    /// after the first have `revisit` set until the window's pages have been
+    /// read again.
+    Part {
+        number: usize,
+        of: usize,
+        revisit: bool,
+    },
 }
 
 impl Phase {
-    fn label(self) -> &'static str {
+    /// The phase as the batch log shows it: `whole`, or `2/3` for the
+    /// second phase of three.
+    fn label(self) -> String {
         match self {
-            Phase::Whole => "whole",
-            Phase::First => "first",
-            Phase::Second { .. } => "second",
+            Phase::Whole => "whole".to_string(),
+            Phase::Part { number, of, .. } => format!("{number}/{of}"),
+        }
+    }
+
+    /// Tells whether the batch ends the window's writes, so that its
+    /// checkpoint may move the range's position.
+    fn is_final(self) -> bool {
+        match self {
+            Phase::Whole => true,
+            Phase::Part { number, of, .. } => number == of,
         }
     }
 }
 
+/// Transactions a window read in physical order is written in; see `Phase`.
+const PHASES_PER_WINDOW: usize = 3;
+
 /// Rows to rewrite below which a window is written in one transaction.
-const MIN_ROWS_FOR_TWO_PHASES: usize = 64;
+const MIN_ROWS_FOR_PHASES: usize = 64;
 
 /// Reads the pages of a window's rows, so that PostgreSQL prunes the old
-/// versions the window's first phase left there. Only an optimization: when
-/// it fails, the second phase's updates go to other pages, as the first's did.
+/// versions the window's earlier phases left there. Only an optimization:
+/// when it fails, the next phase's updates go to other pages, as the first's
+/// did.
 async fn revisit(
     settings: &PipelineSettings,
     statements: &Statements,
@@ -379,7 +394,7 @@ async fn revisit(
         tx.commit().await
     };
     if let Err(error) = read.await {
-        tracing::debug!(target = %work.target_label, range = work.range_index, error = %db::describe(&error), "Could not read a window again before its second write.");
+        tracing::debug!(target = %work.target_label, range = work.range_index, error = %db::describe(&error), "Could not read a window again before its next write.");
     }
 }
 
@@ -428,9 +443,9 @@ impl ClassifiedBatch {
         let mut decisions = self.decisions;
         let tail_decisions = decisions.split_off(half);
         let (mut head, tail) = self.batch.split(half);
-        // The rows of a first phase are spread over the window, so no part
-        // of it may move the position.
-        if self.phase == Phase::First {
+        // The rows of a phase other than the last are spread over the window,
+        // so no part of them may move the position.
+        if !self.phase.is_final() {
             head.end.clear();
         }
         (
@@ -452,8 +467,8 @@ impl ClassifiedBatch {
     }
 
     /// Tells whether the batch is a window of a pass in physical order with
-    /// rows enough to rewrite for two writes to pay.
-    fn worth_two_phases(&self, pass: Pass) -> bool {
+    /// rows enough to rewrite for several writes to pay.
+    fn worth_phases(&self, pass: Pass) -> bool {
         pass == Pass::Main
             && self.phase == Phase::Whole
             && self.batch.physical
@@ -463,39 +478,44 @@ impl ClassifiedBatch {
                 .iter()
                 .filter(|d| d.new_value.is_some())
                 .count()
-                >= MIN_ROWS_FOR_TWO_PHASES
+                >= MIN_ROWS_FOR_PHASES
     }
 
-    /// Splits a window into its two phases; see `Phase`.
-    fn into_phases(self) -> (ClassifiedBatch, ClassifiedBatch) {
+    /// Splits a window into its phases, in the order they are written; see
+    /// `Phase`.
+    fn into_phases(self) -> Vec<ClassifiedBatch> {
+        let of = PHASES_PER_WINDOW;
         let mut rewrites = 0;
-        let to_first: Vec<bool> = self
+        let part_of: Vec<usize> = self
             .decisions
             .iter()
             .map(|decision| {
-                let first = decision.new_value.is_some() && rewrites % 2 == 0;
-                rewrites += usize::from(decision.new_value.is_some());
-                first
+                if decision.new_value.is_none() {
+                    return of - 1;
+                }
+                rewrites += 1;
+                (rewrites - 1) % of
             })
             .collect();
-        let (first_decisions, second_decisions) = deal(self.decisions, &to_first);
-        let (first, second) = self.batch.deal_out(&to_first);
-        (
-            ClassifiedBatch {
-                batch: first,
-                decisions: first_decisions,
-                crypto_seconds: self.crypto_seconds,
-                phase: Phase::First,
+        let decisions = deal(self.decisions, &part_of, of);
+        let batches = self.batch.deal_out(&part_of, of);
+        let mut crypto_seconds = self.crypto_seconds;
+        batches
+            .into_iter()
+            .zip(decisions)
+            .enumerate()
+            .map(|(part, (batch, decisions))| ClassifiedBatch {
+                batch,
+                decisions,
+                crypto_seconds: std::mem::take(&mut crypto_seconds),
+                phase: Phase::Part {
+                    number: part + 1,
+                    of,
+                    revisit: part > 0,
+                },
                 read_rows: self.read_rows,
-            },
-            ClassifiedBatch {
-                batch: second,
-                decisions: second_decisions,
-                crypto_seconds: 0.0,
-                phase: Phase::Second { revisit: true },
-                read_rows: self.read_rows,
-            },
-        )
+            })
+            .collect()
     }
 }
 
@@ -658,8 +678,10 @@ pub async fn run_range(
     // Write batches in order; split a batch that timed out.
     let mut totals = RangeOutcome::default();
     let mut pending: Vec<ClassifiedBatch> = Vec::new();
-    // Set while parts of a window written in two phases are still to write.
+    // Set while phases of a window are still to write.
     let mut window_open = false;
+    // The write time of the window's phases so far.
+    let mut window_seconds = 0.0;
     let result = loop {
         let mut next = match pending.pop() {
             Some(batch) => batch,
@@ -669,10 +691,10 @@ pub async fn run_range(
                 None => break Ok(()),
             },
         };
-        if next.worth_two_phases(pass) {
-            let (first, second) = next.into_phases();
-            pending.push(second);
-            next = first;
+        if next.worth_phases(pass) {
+            let mut phases = next.into_phases();
+            next = phases.remove(0);
+            pending.extend(phases.into_iter().rev());
         }
         if settings.lease_lost.load(Ordering::SeqCst) {
             break Err(RangeError::LeaseLost);
@@ -693,9 +715,14 @@ pub async fn run_range(
         let crypto_seconds = next.crypto_seconds;
         let read_rows = next.read_rows;
         let started = Instant::now();
-        if next.phase == (Phase::Second { revisit: true }) {
-            revisit(settings, &statements, &work, &next.batch).await;
-            next.phase = Phase::Second { revisit: false };
+        if let Phase::Part {
+            revisit: read_again,
+            ..
+        } = &mut next.phase
+        {
+            if std::mem::take(read_again) {
+                revisit(settings, &statements, &work, &next.batch).await;
+            }
         }
         let phase = next.phase;
         match write_with_retry(settings, &statements, &work, pass, next).await {
@@ -714,7 +741,7 @@ pub async fn run_range(
                     target = %work.target_label,
                     range = work.range_index,
                     pass = ?pass,
-                    phase = phase.label(),
+                    phase = %phase.label(),
                     rows,
                     fetch_ms = fetch_seconds * 1000.0,
                     crypto_ms = crypto_seconds * 1000.0,
@@ -724,19 +751,23 @@ pub async fn run_range(
                 settings
                     .progress
                     .advance(&work.target_label, pass, counts.rows_scanned as u64);
-                // A phase writes about half a window: size by the window.
-                let (window_rows, window_seconds) = match phase {
-                    Phase::Whole => (rows, write_seconds),
-                    _ if rows > 0 => (read_rows, write_seconds * read_rows as f64 / rows as f64),
-                    _ => (rows, write_seconds),
-                };
-                adapt_batch_size(
-                    &settings.batch,
-                    &batch_rows,
-                    window_rows,
-                    physical,
-                    window_seconds,
-                );
+                // The next window is sized by this one's write time, over
+                // all its phases.
+                window_seconds += write_seconds;
+                if phase.is_final() {
+                    let rows = if phase == Phase::Whole {
+                        rows
+                    } else {
+                        read_rows
+                    };
+                    adapt_batch_size(
+                        &settings.batch,
+                        &batch_rows,
+                        rows,
+                        physical,
+                        std::mem::take(&mut window_seconds),
+                    );
+                }
             }
             Ok(WriteResult::Split(halves)) => {
                 let (head, tail) = *halves;
@@ -1446,7 +1477,7 @@ async fn write(
     // The checkpoint commits with the batch, and only while the lease is ours.
     let transaction: Option<i64> = match pass {
         Pass::Main => {
-            // The first phase of a window has no end and keeps the position.
+            // A phase before a window's last has no end and keeps the position.
             let last_key = (!batch.end.is_empty()).then_some(&batch.end);
             sqlx::query_scalar(&statements.checkpoint)
                 .bind(&settings.job)
@@ -1765,10 +1796,10 @@ mod tests {
 
     #[test]
     fn window_phases_split_rows() {
-        let window = classified(MIN_ROWS_FOR_TWO_PHASES + 1, "(9,0)");
-        assert!(window.worth_two_phases(Pass::Main));
-        assert!(!window.worth_two_phases(Pass::Sweep));
-        assert!(!classified(MIN_ROWS_FOR_TWO_PHASES - 1, "(9,0)").worth_two_phases(Pass::Main));
+        let window = classified(MIN_ROWS_FOR_PHASES + 1, "(9,0)");
+        assert!(window.worth_phases(Pass::Main));
+        assert!(!window.worth_phases(Pass::Sweep));
+        assert!(!classified(MIN_ROWS_FOR_PHASES - 1, "(9,0)").worth_phases(Pass::Main));
 
         // Row 3 is under the new key already: it has nothing to write.
         let mut window = window;
@@ -1777,19 +1808,38 @@ mod tests {
             new_value: None,
             old_key_index: None,
         };
-        let (first, second) = window.into_phases();
-        assert_eq!(first.phase, Phase::First);
-        assert_eq!(second.phase, Phase::Second { revisit: true });
-        assert!(!first.worth_two_phases(Pass::Main));
-        assert!(!second.worth_two_phases(Pass::Main));
-        // Every other row to rewrite goes first; the rest, row 3 too, second.
-        assert_eq!(first.batch.keys[0][..3], ["1", "4", "6"]);
-        assert_eq!(second.batch.keys[0][..3], ["2", "3", "5"]);
-        assert_eq!(first.batch.positions[1], "(0,4)");
-        assert_eq!(second.batch.positions[1], "(0,3)");
+        let phases = window.into_phases();
+        assert_eq!(PHASES_PER_WINDOW, 3);
+        assert_eq!(phases.len(), 3);
+        let [first, second, last] = &phases[..] else {
+            unreachable!()
+        };
+        for (number, phase) in phases.iter().enumerate() {
+            assert_eq!(
+                phase.phase,
+                Phase::Part {
+                    number: number + 1,
+                    of: 3,
+                    revisit: number > 0
+                }
+            );
+            assert!(!phase.worth_phases(Pass::Main));
+        }
+        assert_eq!(first.phase.label(), "1/3");
+        assert!(!first.phase.is_final() && !second.phase.is_final() && last.phase.is_final());
+        // Rows to rewrite go to the phases in turn; row 3 goes last.
+        assert_eq!(first.batch.keys[0][..3], ["1", "5", "8"]);
+        assert_eq!(second.batch.keys[0][..3], ["2", "6", "9"]);
+        assert_eq!(last.batch.keys[0][..3], ["3", "4", "7"]);
+        assert_eq!(first.batch.positions[1], "(0,5)");
+        assert_eq!(last.batch.positions[1], "(0,4)");
         assert!(first.decisions.iter().all(|d| d.new_value.is_some()));
+        assert!(second.decisions.iter().all(|d| d.new_value.is_some()));
+        let rows: usize = phases.iter().map(|p| p.batch.len()).sum();
+        assert_eq!(rows, MIN_ROWS_FOR_PHASES + 1);
         // Each row keeps its own value and decision.
-        for part in [&first, &second] {
+        for part in &phases {
+            assert_eq!(part.decisions.len(), part.batch.len());
             for (row, key) in part.batch.keys[0].iter().enumerate() {
                 assert_eq!(
                     part.batch.values[row].as_deref(),
@@ -1800,14 +1850,18 @@ mod tests {
             }
         }
         assert!(first.batch.end.is_empty());
-        assert_eq!(second.batch.end, vec!["(9,0)".to_string()]);
+        assert!(second.batch.end.is_empty());
+        assert_eq!(last.batch.end, vec!["(9,0)".to_string()]);
 
-        // A first phase split after a timeout still leaves the position alone;
-        // the head of a second phase ends at its own last row.
-        let (head, tail) = first.split(10);
+        // A phase before the last, split after a timeout, still leaves the
+        // position alone; the head of the last ends at its own last row.
+        let mut phases = phases;
+        let last = phases.pop().unwrap();
+        let second = phases.pop().unwrap();
+        let (head, tail) = second.split(10);
         assert!(head.batch.end.is_empty());
         assert!(tail.batch.end.is_empty());
-        let (head, tail) = second.split(10);
+        let (head, tail) = last.split(10);
         assert_eq!(head.batch.end, vec![head.batch.positions[9].clone()]);
         assert_eq!(tail.batch.end, vec!["(9,0)".to_string()]);
     }

@@ -1,9 +1,9 @@
 //! A batch whose COMMIT succeeds but whose reply never arrives: the worker
 //! reads the status of the batch's transaction from the server, and neither
 //! writes the batch again nor counts it twice. In physical order each window
-//! is written in two transactions, and the first leaves the checkpoint's
-//! position as it was. A worker killed between the two leaves a job that
-//! resumes with every row counted once.
+//! is written in several transactions, and all but the last leave the
+//! checkpoint's position as it was. A worker killed between two of them
+//! leaves a job that resumes with every row counted once.
 
 mod common;
 
@@ -133,39 +133,57 @@ async fn lost_commit_reply_counts_once() {
 
 #[tokio::test]
 async fn lost_reply_first_phase_counts_once() {
-    // The first checkpointed COMMIT is the first of the first window's two.
+    // The first checkpointed COMMIT is the first phase of the first window.
     counts_once(&PHYSICAL, 1).await;
 }
 
 #[tokio::test]
-async fn lost_reply_second_phase_counts_once() {
+async fn lost_reply_middle_phase_counts_once() {
     counts_once(&PHYSICAL, 2).await;
 }
 
 #[tokio::test]
-async fn killed_between_phases_resumes() {
+async fn lost_reply_last_phase_counts_once() {
+    // The window's last phase, whose checkpoint moves the position.
+    counts_once(&PHYSICAL, 3).await;
+}
+
+#[tokio::test]
+async fn killed_after_first_phase_resumes() {
+    killed_between_phases_resumes(1).await;
+}
+
+#[tokio::test]
+async fn killed_after_second_phase_resumes() {
+    killed_between_phases_resumes(2).await;
+}
+
+/// Kills a run in physical order once `phases` phases of its first window
+/// have committed, before the last, and checks that a resumed run rotates
+/// and counts every row once.
+async fn killed_between_phases_resumes(phases: usize) {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
     let rows: i64 = 1000;
     fill(&db, rows, &old.key).await;
-    // Every fourth row is under the new key already: the first write of a
-    // window leaves such rows to the second, so a resume counts them once.
+    // Every fourth row is under the new key already: the phases of a window
+    // leave such rows to the last, so a resume counts them once.
     for id in (4..=rows).step_by(4) {
         put(&db, id, &new.key, &plaintext(id)).await;
     }
     let current = rows / 4;
 
-    // The first run is killed as soon as its first write of the first window
-    // has committed, before the second write of that window.
-    let (port, commits) = lossy_proxy(1).await;
+    // The first run is killed as soon as the chosen phase of the first
+    // window has committed; losing that COMMIT's reply delays the next one.
+    let (port, commits) = lossy_proxy(phases).await;
     let mut child = proxied_run(&db, port, &old, &new, &PHYSICAL)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
-    while commits.load(Ordering::SeqCst) == 0 {
+    while commits.load(Ordering::SeqCst) < phases {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "the first run committed nothing"
@@ -180,12 +198,12 @@ async fn killed_between_phases_resumes() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert_eq!(position, None, "the first write moved the position");
+    assert_eq!(position, None, "a phase before the last moved the position");
     assert!(
-        scanned > 0 && scanned < rows,
-        "the first write counted {scanned} rows"
+        scanned > 0 && scanned <= rows - current,
+        "the committed phases counted {scanned} rows"
     );
-    // The rows that write committed read under the new key already.
+    // The rows those phases wrote read under the new key already.
     let rotated = db
         .values("t", "id", "secret")
         .await
