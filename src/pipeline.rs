@@ -5,6 +5,7 @@
 //! the previous one. At most two batches are in memory, the one being written
 //! and the next one, and each batch is capped in rows and in bytes.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -519,6 +520,99 @@ impl ClassifiedBatch {
     }
 }
 
+/// A batch read for the writer: its phases still to write, in order.
+struct OpenWindow {
+    parts: VecDeque<ClassifiedBatch>,
+    /// Set once a write of the window has begun.
+    begun: bool,
+    /// Time spent writing the window's phases since its last sizing.
+    seconds: f64,
+}
+
+impl OpenWindow {
+    fn new(batch: ClassifiedBatch, pass: Pass) -> OpenWindow {
+        let parts = if batch.worth_phases(pass) {
+            batch.into_phases().into()
+        } else {
+            VecDeque::from([batch])
+        };
+        OpenWindow {
+            parts,
+            begun: false,
+            seconds: 0.0,
+        }
+    }
+}
+
+/// The order a range's writer takes the phases of its windows in.
+///
+/// Up to `PHASES_PER_WINDOW` windows are open at once. Each round writes the
+/// next phase of every open window, oldest first, after which the next
+/// window read joins the round at its end. So another write lies between
+/// two phases of a window: the transactions that were running when a phase
+/// committed, a second writer's above all, have ended by the next phase, and
+/// its read of the window can prune what the earlier one left.
+///
+/// Only the oldest window may write a last phase, whose checkpoint moves the
+/// range's position: a younger window's last phase waits its turn, so
+/// positions only move forward, even after a phase is split in two.
+#[derive(Default)]
+struct WriteSchedule {
+    /// Oldest first.
+    open: VecDeque<OpenWindow>,
+    /// The window whose turn it is, as an index into `open`.
+    turn: usize,
+}
+
+impl WriteSchedule {
+    /// Returns the window whose phase is to be written next, or `None` when
+    /// the round is over.
+    fn next(&mut self) -> Option<&mut OpenWindow> {
+        while self.turn < self.open.len() {
+            let window = &self.open[self.turn];
+            match window.parts.front() {
+                None => {
+                    self.open.remove(self.turn);
+                }
+                Some(part) if self.turn > 0 && part.phase.is_final() => self.turn += 1,
+                Some(_) => return self.open.get_mut(self.turn),
+            }
+        }
+        None
+    }
+
+    /// Moves on once the window that `next` returned has written a phase.
+    fn written(&mut self) {
+        if self.open[self.turn].parts.is_empty() {
+            self.open.remove(self.turn);
+        } else {
+            self.turn += 1;
+        }
+    }
+
+    /// Tells whether a new round may take another window.
+    fn has_room(&self) -> bool {
+        self.open.len() < PHASES_PER_WINDOW
+    }
+
+    /// Begins a new round, with `window` at its end if one was read.
+    fn new_round(&mut self, window: Option<OpenWindow>) {
+        self.turn = 0;
+        self.open.extend(window);
+    }
+
+    /// Leaves out the windows not begun, for a stop request. The round goes
+    /// on with the windows left.
+    fn drop_unbegun(&mut self) {
+        self.open.retain(|window| window.begun);
+        self.turn = self.turn.min(self.open.len());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+}
+
 /// Runs a closure on the crypto pool and waits for it without blocking tokio.
 pub async fn on_crypto_pool<T: Send + 'static>(
     pool: &rayon::ThreadPool,
@@ -675,39 +769,67 @@ pub async fn run_range(
         })
     };
 
-    // Write batches in order; split a batch that timed out.
+    // Write batches in the order of a `WriteSchedule`; split a batch that
+    // timed out.
     let mut totals = RangeOutcome::default();
-    let mut pending: Vec<ClassifiedBatch> = Vec::new();
-    // Set while phases of a window are still to write.
-    let mut window_open = false;
-    // The write time of the window's phases so far.
-    let mut window_seconds = 0.0;
+    let mut schedule = WriteSchedule::default();
+    let mut received_all = false;
+    // A failed read ends the range once the windows read before it are written.
+    let mut read_error = None;
     let result = loop {
-        let mut next = match pending.pop() {
-            Some(batch) => batch,
-            None => match receiver.recv().await {
-                Some(Ok(batch)) => batch,
-                Some(Err(error)) => break Err(error),
-                None => break Ok(()),
-            },
-        };
-        if next.worth_phases(pass) {
-            let mut phases = next.into_phases();
-            next = phases.remove(0);
-            pending.extend(phases.into_iter().rev());
+        let stopping = settings.stop.load(Ordering::SeqCst);
+        if stopping {
+            // A stop request finishes the windows begun; the others are left
+            // for the next run.
+            schedule.drop_unbegun();
         }
+        let Some(window) = schedule.next() else {
+            let mut read = None;
+            if stopping {
+                if schedule.is_empty() {
+                    break Err(RangeError::Interrupted);
+                }
+            } else if !received_all && schedule.has_room() {
+                match receiver.recv().await {
+                    Some(Ok(batch)) => read = Some(OpenWindow::new(batch, pass)),
+                    Some(Err(error)) => {
+                        read_error = Some(error);
+                        received_all = true;
+                    }
+                    None => received_all = true,
+                }
+            }
+            schedule.new_round(read);
+            if schedule.is_empty() {
+                break read_error.map_or(Ok(()), Err);
+            }
+            continue;
+        };
+        let mut next = window
+            .parts
+            .pop_front()
+            .expect("the schedule returns windows with phases to write");
         if settings.lease_lost.load(Ordering::SeqCst) {
             break Err(RangeError::LeaseLost);
         }
-        // A stop request ends a throttle wait at once, and the batch is not
-        // written. An open window is finished first, without waiting.
-        let finishing = window_open && settings.stop.load(Ordering::SeqCst);
-        if !finishing {
+        // A stop request ends a throttle wait at once, and a window not begun
+        // is not written. A window begun is finished first, without waiting.
+        if !window.begun {
+            let stopped = tokio::select! {
+                _ = settings.throttle.wait(&work.target_label, next.batch.len()) => false,
+                _ = stop_requested(&settings.stop) => true,
+            };
+            if stopped {
+                window.parts.push_front(next);
+                continue;
+            }
+        } else if !stopping {
             tokio::select! {
                 _ = settings.throttle.wait(&work.target_label, next.batch.len()) => {}
-                _ = stop_requested(&settings.stop) => break Err(RangeError::Interrupted),
+                _ = stop_requested(&settings.stop) => {}
             }
         }
+        window.begun = true;
 
         let rows = next.batch.len();
         let physical = next.batch.physical;
@@ -753,7 +875,7 @@ pub async fn run_range(
                     .advance(&work.target_label, pass, counts.rows_scanned as u64);
                 // The next window is sized by this one's write time, over
                 // all its phases.
-                window_seconds += write_seconds;
+                window.seconds += write_seconds;
                 if phase.is_final() {
                     let rows = if phase == Phase::Whole {
                         rows
@@ -765,23 +887,20 @@ pub async fn run_range(
                         &batch_rows,
                         rows,
                         physical,
-                        std::mem::take(&mut window_seconds),
+                        std::mem::take(&mut window.seconds),
                     );
                 }
+                schedule.written();
             }
             Ok(WriteResult::Split(halves)) => {
                 let (head, tail) = *halves;
                 tracing::warn!(target = %work.target_label, rows, "Batch timed out; retrying it as two smaller batches.");
                 let smaller = (rows / 2).max(settings.batch.min_rows);
                 batch_rows.store(smaller, Ordering::Relaxed);
-                pending.push(tail);
-                pending.push(head);
+                window.parts.push_front(tail);
+                window.parts.push_front(head);
             }
             Err(error) => break Err(error),
-        }
-        window_open = pending.iter().any(|batch| batch.phase != Phase::Whole);
-        if settings.stop.load(Ordering::SeqCst) && !window_open {
-            break Err(RangeError::Interrupted);
         }
     };
 
@@ -1864,5 +1983,133 @@ mod tests {
         let (head, tail) = last.split(10);
         assert_eq!(head.batch.end, vec![head.batch.positions[9].clone()]);
         assert_eq!(tail.batch.end, vec!["(9,0)".to_string()]);
+    }
+
+    /// A window of three phases, tagged `tag` in `read_rows`.
+    fn open_window(tag: usize) -> OpenWindow {
+        let mut batch = classified(MIN_ROWS_FOR_PHASES + 1, &format!("({tag},0)"));
+        batch.read_rows = tag;
+        OpenWindow::new(batch, Pass::Main)
+    }
+
+    /// Runs a schedule over `windows` as the writer does, splitting the
+    /// parts whose write number is in `splits`, and returns each part
+    /// written: its window's tag, its phase label and whether it was final.
+    fn drive(windows: usize, splits: &[usize]) -> Vec<(usize, String, bool)> {
+        let mut schedule = WriteSchedule::default();
+        let mut unread = 1..=windows;
+        let mut written = Vec::new();
+        let mut attempt = 0;
+        loop {
+            let Some(window) = schedule.next() else {
+                let read = if schedule.has_room() {
+                    unread.next().map(open_window)
+                } else {
+                    None
+                };
+                schedule.new_round(read);
+                if schedule.is_empty() {
+                    return written;
+                }
+                continue;
+            };
+            let part = window.parts.pop_front().unwrap();
+            attempt += 1;
+            if splits.contains(&attempt) {
+                let half = part.batch.len() / 2;
+                let (head, tail) = part.split(half);
+                window.parts.push_front(tail);
+                window.parts.push_front(head);
+                continue;
+            }
+            window.begun = true;
+            written.push((part.read_rows, part.phase.label(), part.phase.is_final()));
+            schedule.written();
+        }
+    }
+
+    #[test]
+    fn schedule_puts_a_write_between_phases() {
+        let order: Vec<String> = drive(4, &[])
+            .into_iter()
+            .map(|(tag, phase, _)| format!("{tag}:{phase}"))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "1:1/3", "1:2/3", "2:1/3", "1:3/3", "2:2/3", "3:1/3", "2:3/3", "3:2/3", "4:1/3",
+                "3:3/3", "4:2/3", "4:3/3"
+            ]
+        );
+    }
+
+    #[test]
+    fn schedule_moves_positions_in_order_after_splits() {
+        // Split the first window's last phase, then its head again, then
+        // the second window's last phase.
+        for splits in [vec![4], vec![4, 5], vec![4, 5, 9], vec![2, 3, 7]] {
+            let written = drive(5, &splits);
+            let last_write = |tag: usize| written.iter().rposition(|(t, _, _)| *t == tag).unwrap();
+            for (row, (tag, phase, last)) in written.iter().enumerate() {
+                // A window's phases come in order.
+                let earlier = written[..row].iter().filter(|(t, _, _)| t == tag);
+                assert!(
+                    earlier.clone().all(|(_, p, _)| p <= phase),
+                    "{splits:?}: phase {phase} of window {tag} out of order: {written:?}"
+                );
+                // A last phase waits for every older window to end.
+                if *last {
+                    assert!(
+                        (1..*tag).all(|older| last_write(older) < row),
+                        "{splits:?}: window {tag} wrote {phase} before an older window ended: {written:?}"
+                    );
+                }
+            }
+            // Every phase was written; a split one twice, once per half.
+            for tag in 1..=5 {
+                let phases: Vec<&str> = written
+                    .iter()
+                    .filter(|(t, _, _)| *t == tag)
+                    .map(|(_, phase, _)| phase.as_str())
+                    .collect();
+                assert!(
+                    ["1/3", "2/3", "3/3"].iter().all(|p| phases.contains(p)),
+                    "{splits:?}: window {tag} wrote {phases:?}"
+                );
+                assert!(phases.len() >= 3 && phases.len() <= 3 + splits.len());
+            }
+            assert_eq!(written.len(), 15 + splits.len(), "{splits:?}");
+        }
+    }
+
+    #[test]
+    fn schedule_stop_finishes_windows_begun() {
+        let mut schedule = WriteSchedule::default();
+        schedule.new_round(Some(open_window(1)));
+        let window = schedule.next().unwrap();
+        window.parts.pop_front();
+        window.begun = true;
+        schedule.written();
+        assert!(schedule.next().is_none());
+        schedule.new_round(Some(open_window(2)));
+        // Window 1 writes its second phase; window 2 has not begun.
+        let window = schedule.next().unwrap();
+        window.parts.pop_front();
+        schedule.written();
+        schedule.drop_unbegun();
+        let mut left = Vec::new();
+        loop {
+            let Some(window) = schedule.next() else {
+                if schedule.is_empty() {
+                    break;
+                }
+                schedule.new_round(None);
+                continue;
+            };
+            let part = window.parts.pop_front().unwrap();
+            left.push((part.read_rows, part.phase.label()));
+            schedule.written();
+        }
+        assert_eq!(left, [(1, "3/3".to_string())]);
     }
 }
