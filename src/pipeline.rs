@@ -41,6 +41,8 @@ pub struct PipelineSettings {
     pub lease_lost: Arc<AtomicBool>,
     pub throttle: Arc<Throttle>,
     pub progress: Arc<crate::progress::Progress>,
+    /// Writers of this process that may write side by side (`--writers`).
+    pub writers: usize,
 }
 
 /// Batch size limits and the adaptive sizing target.
@@ -546,25 +548,37 @@ impl OpenWindow {
 
 /// The order a range's writer takes the phases of its windows in.
 ///
-/// Up to `PHASES_PER_WINDOW` windows are open at once. Each round writes the
-/// next phase of every open window, oldest first, after which the next
-/// window read joins the round at its end. So another write lies between
-/// two phases of a window: the transactions that were running when a phase
-/// committed, a second writer's above all, have ended by the next phase, and
-/// its read of the window can prune what the earlier one left.
+/// Up to `max_open` windows are open at once. Each round writes the next
+/// phase of every open window, oldest first, after which the next window
+/// read joins the round at its end. With `PHASES_PER_WINDOW` windows open,
+/// another write lies between two phases of a window: the transactions that
+/// were running when a phase committed, a second writer's above all, have
+/// ended by the next phase, and its read of the window can prune what the
+/// earlier one left. A writer alone keeps one window open, and writes its
+/// phases one after another: nothing else holds back the pruning then, and
+/// that order was measured about a tenth faster.
 ///
 /// Only the oldest window may write a last phase, whose checkpoint moves the
 /// range's position: a younger window's last phase waits its turn, so
 /// positions only move forward, even after a phase is split in two.
-#[derive(Default)]
 struct WriteSchedule {
     /// Oldest first.
     open: VecDeque<OpenWindow>,
+    max_open: usize,
     /// The window whose turn it is, as an index into `open`.
     turn: usize,
 }
 
 impl WriteSchedule {
+    /// A schedule for a range written beside `writers - 1` others.
+    fn new(writers: usize) -> WriteSchedule {
+        WriteSchedule {
+            open: VecDeque::new(),
+            max_open: if writers > 1 { PHASES_PER_WINDOW } else { 1 },
+            turn: 0,
+        }
+    }
+
     /// Returns the window whose phase is to be written next, or `None` when
     /// the round is over.
     fn next(&mut self) -> Option<&mut OpenWindow> {
@@ -592,7 +606,7 @@ impl WriteSchedule {
 
     /// Tells whether a new round may take another window.
     fn has_room(&self) -> bool {
-        self.open.len() < PHASES_PER_WINDOW
+        self.open.len() < self.max_open
     }
 
     /// Begins a new round, with `window` at its end if one was read.
@@ -772,7 +786,7 @@ pub async fn run_range(
     // Write batches in the order of a `WriteSchedule`; split a batch that
     // timed out.
     let mut totals = RangeOutcome::default();
-    let mut schedule = WriteSchedule::default();
+    let mut schedule = WriteSchedule::new(settings.writers);
     let mut received_all = false;
     // A failed read ends the range once the windows read before it are written.
     let mut read_error = None;
@@ -1995,8 +2009,8 @@ mod tests {
     /// Runs a schedule over `windows` as the writer does, splitting the
     /// parts whose write number is in `splits`, and returns each part
     /// written: its window's tag, its phase label and whether it was final.
-    fn drive(windows: usize, splits: &[usize]) -> Vec<(usize, String, bool)> {
-        let mut schedule = WriteSchedule::default();
+    fn drive(writers: usize, windows: usize, splits: &[usize]) -> Vec<(usize, String, bool)> {
+        let mut schedule = WriteSchedule::new(writers);
         let mut unread = 1..=windows;
         let mut written = Vec::new();
         let mut attempt = 0;
@@ -2030,15 +2044,25 @@ mod tests {
 
     #[test]
     fn schedule_puts_a_write_between_phases() {
-        let order: Vec<String> = drive(4, &[])
-            .into_iter()
-            .map(|(tag, phase, _)| format!("{tag}:{phase}"))
-            .collect();
+        let order = |writers| -> Vec<String> {
+            drive(writers, 4, &[])
+                .into_iter()
+                .map(|(tag, phase, _)| format!("{tag}:{phase}"))
+                .collect()
+        };
         assert_eq!(
-            order,
+            order(2),
             [
                 "1:1/3", "1:2/3", "2:1/3", "1:3/3", "2:2/3", "3:1/3", "2:3/3", "3:2/3", "4:1/3",
                 "3:3/3", "4:2/3", "4:3/3"
+            ]
+        );
+        // A writer alone writes the phases of each window one after another.
+        assert_eq!(
+            order(1),
+            [
+                "1:1/3", "1:2/3", "1:3/3", "2:1/3", "2:2/3", "2:3/3", "3:1/3", "3:2/3", "3:3/3",
+                "4:1/3", "4:2/3", "4:3/3"
             ]
         );
     }
@@ -2047,8 +2071,12 @@ mod tests {
     fn schedule_moves_positions_in_order_after_splits() {
         // Split the first window's last phase, then its head again, then
         // the second window's last phase.
-        for splits in [vec![4], vec![4, 5], vec![4, 5, 9], vec![2, 3, 7]] {
-            let written = drive(5, &splits);
+        let cases = [vec![4], vec![4, 5], vec![4, 5, 9], vec![2, 3, 7]];
+        for (writers, splits) in [1, 2]
+            .into_iter()
+            .flat_map(|w| cases.clone().map(|s| (w, s)))
+        {
+            let written = drive(writers, 5, &splits);
             let last_write = |tag: usize| written.iter().rposition(|(t, _, _)| *t == tag).unwrap();
             for (row, (tag, phase, last)) in written.iter().enumerate() {
                 // A window's phases come in order.
@@ -2084,7 +2112,7 @@ mod tests {
 
     #[test]
     fn schedule_stop_finishes_windows_begun() {
-        let mut schedule = WriteSchedule::default();
+        let mut schedule = WriteSchedule::new(2);
         schedule.new_round(Some(open_window(1)));
         let window = schedule.next().unwrap();
         window.parts.pop_front();

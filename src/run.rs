@@ -683,6 +683,7 @@ async fn run_job(
             db.clone(),
         )),
         progress: progress.clone(),
+        writers,
     };
     let logger =
         (args.output.progress != cli::ProgressMode::Off && !progress.has_bars()).then(|| {
