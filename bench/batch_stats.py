@@ -34,10 +34,12 @@ def percentile(values, fraction):
 
 
 def merge_phases(batches):
-    """Joins the phases of each window, logged one after another in the same range, into one batch."""
+    """Joins the phases of each window of a range into one batch."""
     merged, open_of = [], {}
     for batch in batches:
-        phase, key = batch.get("phase", "whole"), batch.get("range")
+        # With several writers a writer takes the phases of up to three
+        # windows in turns; the log numbers each window in its range.
+        phase, key = batch.get("phase", "whole"), (batch.get("range"), batch.get("window"))
         if phase == "whole":
             merged.append(batch)
             continue
