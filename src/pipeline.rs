@@ -349,8 +349,8 @@ enum Phase {
 }
 
 impl Phase {
-    /// The phase as the batch log shows it: `whole`, or `2/3` for the
-    /// second phase of three.
+    /// Returns the phase as the batch log shows it: `whole`, or `2/3` for
+    /// the second phase of three.
     fn label(self) -> String {
         match self {
             Phase::Whole => "whole".to_string(),
@@ -555,10 +555,10 @@ impl OpenWindow {
 /// Up to `max_open` windows are open at once. Each round writes the next
 /// phase of every open window, oldest first, after which the next window
 /// read joins the round at its end. With `PHASES_PER_WINDOW` windows open,
-/// another write lies between two phases of a window: the transactions that
-/// were running when a phase committed, a second writer's above all, have
-/// ended by the next phase, and its read of the window can prune what the
-/// earlier one left. A writer alone keeps one window open, and writes its
+/// another write lies between two phases of a window. So the transactions
+/// that were running when a phase committed, a second writer's above all,
+/// have ended by the next phase. Its read of the window can then prune what
+/// the earlier phase left. A writer alone keeps one window open, and writes its
 /// phases one after another: nothing else holds back the pruning then, and
 /// that order was measured about a tenth faster.
 ///
@@ -574,7 +574,7 @@ struct WriteSchedule {
 }
 
 impl WriteSchedule {
-    /// A schedule for a range written beside `writers - 1` others.
+    /// Creates the schedule of a range written beside `writers - 1` others.
     fn new(writers: usize) -> WriteSchedule {
         WriteSchedule {
             open: VecDeque::new(),
@@ -1968,7 +1968,9 @@ mod tests {
             assert!(!phase.worth_phases(Pass::Main));
         }
         assert_eq!(first.phase.label(), "1/3");
-        assert!(!first.phase.is_final() && !second.phase.is_final() && last.phase.is_final());
+        assert!(!first.phase.is_final());
+        assert!(!second.phase.is_final());
+        assert!(last.phase.is_final());
         // Rows to rewrite go to the phases in turn; row 3 goes last.
         assert_eq!(first.batch.keys[0][..3], ["1", "5", "8"]);
         assert_eq!(second.batch.keys[0][..3], ["2", "6", "9"]);
@@ -2008,7 +2010,7 @@ mod tests {
         assert_eq!(tail.batch.end, vec!["(9,0)".to_string()]);
     }
 
-    /// A window of three phases, tagged `tag` in `read_rows`.
+    /// Builds a window of three phases, tagged `tag` in `read_rows`.
     fn open_window(tag: usize) -> OpenWindow {
         let mut batch = classified(MIN_ROWS_FOR_PHASES + 1, &format!("({tag},0)"));
         batch.read_rows = tag;
@@ -2078,8 +2080,8 @@ mod tests {
 
     #[test]
     fn schedule_moves_positions_in_order_after_splits() {
-        // Split the first window's last phase, then its head again, then
-        // the second window's last phase.
+        // Each case lists the write attempts to split: with two writers the
+        // 4th is the first window's last phase and the 5th its head.
         let cases = [vec![4], vec![4, 5], vec![4, 5, 9], vec![2, 3, 7]];
         for (writers, splits) in [1, 2]
             .into_iter()
