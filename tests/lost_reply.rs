@@ -149,6 +149,13 @@ async fn lost_reply_last_phase_counts_once() {
 }
 
 #[tokio::test]
+async fn lost_reply_writers_in_turns_counts_once() {
+    // Two writers take the phases of their windows in turns; the 5th
+    // checkpointed COMMIT falls among windows still open.
+    counts_once(&["--scan-order", "physical", "--writers", "2"], 5).await;
+}
+
+#[tokio::test]
 async fn killed_after_first_phase_resumes() {
     killed_between_phases_resumes(1).await;
 }
@@ -192,6 +199,26 @@ async fn killed_between_phases_resumes(phases: usize) {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    // The server may still be committing the phase whose reply was lost:
+    // wait until the killed run's sessions are gone.
+    let started = std::time::Instant::now();
+    loop {
+        let sessions: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'reencrypt'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if sessions == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the killed run's sessions stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let (position, scanned): (Option<Vec<String>>, i64) =
         sqlx::query_as("SELECT last_key, rows_scanned FROM reencrypt.ranges WHERE range_index = 0")
