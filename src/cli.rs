@@ -234,7 +234,8 @@ pub struct RunArgs {
     #[arg(long, env = "REENCRYPT_LEASE_TTL_SECS", default_value_t = DEFAULT_LEASE_TTL_SECS)]
     pub lease_ttl_secs: u64,
 
-    /// Upper bound on rows written per second by this process.
+    /// Upper bound on rows read per second by this process, whether they
+    /// need rewriting or not.
     #[arg(long, env = "REENCRYPT_MAX_ROWS_PER_SECOND")]
     pub max_rows_per_second: Option<f64>,
 

@@ -83,10 +83,10 @@ pub enum RangeError {
     Interrupted,
     #[error("this runner lost the job's lease to another runner")]
     LeaseLost,
-    #[error("gave up after {attempts} attempts over {elapsed_secs}s; last error: {last}")]
+    #[error("gave up after {attempts} attempts over {elapsed_secs:.1}s; last error: {last}")]
     RetriesExhausted {
         attempts: u32,
-        elapsed_secs: u64,
+        elapsed_secs: f64,
         last: String,
     },
     #[error("database error: {0}")]
@@ -1009,7 +1009,7 @@ async fn retry_after(
         metrics::record_error(kind.label());
         return Err(RangeError::RetriesExhausted {
             attempts: attempt,
-            elapsed_secs: elapsed.as_secs(),
+            elapsed_secs: elapsed.as_secs_f64(),
             last: db::describe(error),
         });
     }

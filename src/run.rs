@@ -1034,7 +1034,9 @@ async fn rotate_all(
                         changed_since: None,
                         physical,
                     };
-                    tracing::info!(target = %label, range = range.range_index, resumed_after = ?work.after.as_ref().map(|k| crate::statements::key_label(k)), "Range started.");
+                    // The range's first key, or where an earlier run stopped.
+                    let after = work.after.as_ref().map(|k| crate::statements::key_label(k)).unwrap_or_default();
+                    tracing::info!(target = %label, range = range.range_index, after = %after, resumed = range.last_key.is_some(), "Range started.");
                     let start = work.after.clone();
                     let outcome = pipeline::run_range(settings, statements, work, Pass::Main).await?;
                     let mut tx = settings.db.begin().await.map_err(|e| Failure::from_database("cannot mark the range done", &e))?;

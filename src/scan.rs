@@ -280,8 +280,8 @@ async fn fetch_page_with_retry(
         let elapsed = started.elapsed();
         if attempt >= settings.retry.max_attempts || elapsed >= settings.retry.max_elapsed {
             return Err(Failure::Retryable(format!(
-                "{context}: gave up after {attempt} attempts over {}s; last error: {}",
-                elapsed.as_secs(),
+                "{context}: gave up after {attempt} attempts over {:.1}s; last error: {}",
+                elapsed.as_secs_f64(),
                 db::describe(&error)
             )));
         }
