@@ -38,7 +38,7 @@ def merge_phases(batches):
     merged, open_of = [], {}
     for batch in batches:
         # With several writers a writer takes the phases of up to three
-        # windows in turns; the log numbers each window in its range.
+        # windows in turns, so the log numbers each window in its range.
         phase, key = batch.get("phase", "whole"), (batch.get("range"), batch.get("window"))
         if phase == "whole":
             merged.append(batch)

@@ -42,7 +42,7 @@ build=1
 [ "${BENCH_NO_BUILD:-0}" != 1 ] && [ -z "${BENCH_BINARIES:-}" ] || build=0
 if [ "$build" = 0 ]; then
   for binary in "${binaries[@]}"; do
-    [ -x "$binary" ] || { echo "error: $binary is not an executable file" >&2; exit 2; }
+    [ -x "$binary" ] || { echo "error: $binary is not an executable file; check BENCH_BINARIES" >&2; exit 2; }
   done
 fi
 

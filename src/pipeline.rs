@@ -368,7 +368,7 @@ impl Phase {
     }
 }
 
-/// Transactions a window read in physical order is written in; see `Phase`.
+/// Number of transactions a window read in physical order is written in (see `Phase`).
 const PHASES_PER_WINDOW: usize = 3;
 
 /// Rows to rewrite below which a window is written in one transaction.
@@ -484,8 +484,8 @@ impl ClassifiedBatch {
                 >= MIN_ROWS_FOR_PHASES
     }
 
-    /// Splits a window into its phases, in the order they are written; see
-    /// `Phase`.
+    /// Splits a window into its phases, in the order they are written (see
+    /// `Phase`).
     fn into_phases(self) -> Vec<ClassifiedBatch> {
         let of = PHASES_PER_WINDOW;
         let mut rewrites = 0;
@@ -787,8 +787,8 @@ pub async fn run_range(
         })
     };
 
-    // Write batches in the order of a `WriteSchedule`; split a batch that
-    // timed out.
+    // Write batches in the order of a `WriteSchedule`, and split a batch
+    // that timed out.
     let mut totals = RangeOutcome::default();
     let mut schedule = WriteSchedule::new(settings.writers);
     let mut windows_read = 0;
@@ -798,7 +798,7 @@ pub async fn run_range(
     let result = loop {
         let stopping = settings.stop.load(Ordering::SeqCst);
         if stopping {
-            // A stop request finishes the windows begun; the others are left
+            // A stop request finishes the windows begun. The others are left
             // for the next run.
             schedule.drop_unbegun();
         }
@@ -1351,50 +1351,41 @@ async fn write_with_retry(
     loop {
         attempt += 1;
         if let Some(transaction) = failed_commit {
-            let status = match commit_status(settings, transaction).await {
-                Ok(status) => status,
-                Err(error) => {
-                    let kind = transient_or_fail(&error)?;
-                    retry_after(
-                        settings,
-                        &work.target_label,
-                        "write",
-                        kind,
-                        &error,
-                        attempt,
-                        started,
-                    )
-                    .await?;
-                    continue;
-                }
-            };
-            match status.as_deref() {
-                Some("committed") => {
-                    tracing::info!(target = %work.target_label, range = work.range_index, transaction, "The batch had committed before its connection failed; it is not written again.");
-                    return Ok(WriteResult::Committed(tally(&batch), None));
-                }
-                Some("in progress") => {
-                    let error = sqlx::Error::Protocol(format!(
-                        "the COMMIT of transaction {transaction} is still in progress"
-                    ));
-                    retry_after(
-                        settings,
-                        &work.target_label,
-                        "write",
+            // A reason to wait before asking again, if any.
+            let wait = match commit_status(settings, transaction).await {
+                Err(error) => Some((transient_or_fail(&error)?, error)),
+                Ok(status) => match status.as_deref() {
+                    Some("committed") => {
+                        tracing::info!(target = %work.target_label, range = work.range_index, transaction, "The batch had committed before its connection failed; it is not written again.");
+                        return Ok(WriteResult::Committed(tally(&batch), None));
+                    }
+                    Some("in progress") => Some((
                         TransientKind::Connection,
-                        &error,
-                        attempt,
-                        started,
-                    )
-                    .await?;
-                    continue;
-                }
-                Some(_) => {}
-                // NOTE: only for a transaction older than the server keeps
-                // status for, so not expected within the retry budget.
-                None => {
-                    tracing::warn!(target = %work.target_label, range = work.range_index, transaction, "The server no longer knows whether the batch's transaction committed; writing the batch again, which may count it twice.");
-                }
+                        sqlx::Error::Protocol(format!(
+                            "the COMMIT of transaction {transaction} is still in progress"
+                        )),
+                    )),
+                    Some(_) => None,
+                    // NOTE: only for a transaction older than the server keeps
+                    // status for, so not expected within the retry budget.
+                    None => {
+                        tracing::warn!(target = %work.target_label, range = work.range_index, transaction, "The server no longer knows whether the batch's transaction committed; writing the batch again, which may count it twice.");
+                        None
+                    }
+                },
+            };
+            if let Some((kind, error)) = wait {
+                retry_after(
+                    settings,
+                    &work.target_label,
+                    "write",
+                    kind,
+                    &error,
+                    attempt,
+                    started,
+                )
+                .await?;
+                continue;
             }
             failed_commit = None;
         }
@@ -1971,7 +1962,7 @@ mod tests {
         assert!(!first.phase.is_final());
         assert!(!second.phase.is_final());
         assert!(last.phase.is_final());
-        // Rows to rewrite go to the phases in turn; row 3 goes last.
+        // Rows to rewrite go to the phases in turn, and row 3 goes last.
         assert_eq!(first.batch.keys[0][..3], ["1", "5", "8"]);
         assert_eq!(second.batch.keys[0][..3], ["2", "6", "9"]);
         assert_eq!(last.batch.keys[0][..3], ["3", "4", "7"]);
@@ -1998,7 +1989,7 @@ mod tests {
         assert_eq!(last.batch.end, vec!["(9,0)".to_string()]);
 
         // A phase before the last, split after a timeout, still leaves the
-        // position alone; the head of the last ends at its own last row.
+        // position alone. The head of the last ends at its own last row.
         let mut phases = phases;
         let last = phases.pop().unwrap();
         let second = phases.pop().unwrap();
@@ -2104,7 +2095,7 @@ mod tests {
                     );
                 }
             }
-            // Every phase was written; a split one twice, once per half.
+            // Every phase was written, and a split one twice, once per half.
             for tag in 1..=5 {
                 let phases: Vec<&str> = written
                     .iter()
@@ -2131,7 +2122,7 @@ mod tests {
         schedule.written();
         assert!(schedule.next().is_none());
         schedule.new_round(Some(open_window(2)));
-        // Window 1 writes its second phase; window 2 has not begun.
+        // Window 1 writes its second phase, and window 2 has not begun.
         let window = schedule.next().unwrap();
         window.parts.pop_front();
         schedule.written();

@@ -150,7 +150,7 @@ async fn lost_reply_last_phase_counts_once() {
 
 #[tokio::test]
 async fn lost_reply_writers_in_turns_counts_once() {
-    // Two writers take the phases of their windows in turns; the 5th
+    // Two writers take the phases of their windows in turns, so the 5th
     // checkpointed COMMIT falls among windows still open.
     counts_once(&["--scan-order", "physical", "--writers", "2"], 5).await;
 }
@@ -182,7 +182,7 @@ async fn killed_between_phases_resumes(phases: usize) {
     let current = rows / 4;
 
     // The first run is killed as soon as the chosen phase of the first
-    // window has committed; losing that COMMIT's reply delays the next one.
+    // window has committed. Losing that COMMIT's reply delays the next one.
     let (port, commits) = lossy_proxy(phases).await;
     let mut child = proxied_run(&db, port, &old, &new, &PHYSICAL)
         .stdout(std::process::Stdio::null())
