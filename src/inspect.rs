@@ -23,6 +23,7 @@ use crate::report::{
     SweepEvidence, VerifyEvidence,
 };
 use crate::scan::{self, ScanSettings, TargetScan};
+use crate::sweep::TableState;
 use crate::target::Target;
 
 /// Connections a read-only scan uses: one page is read while another is classified.
@@ -41,7 +42,12 @@ pub async fn plan(args: &PlanArgs) -> Result<i32, Failure> {
         keys: &args.keys,
         tuning: &args.tuning,
     };
-    stop_on_signal("plan", plan_targets(inputs, args.sample, args.format)).await
+    let order = crate::run::OrderOptions::defaults();
+    stop_on_signal(
+        "plan",
+        plan_targets(inputs, order, args.sample, args.format),
+    )
+    .await
 }
 
 /// Plans exactly the run that the same options would start (`run --dry-run`).
@@ -60,7 +66,12 @@ pub async fn plan_from_run(args: &RunArgs) -> Result<i32, Failure> {
     };
     stop_on_signal(
         "run --dry-run",
-        plan_targets(inputs, None, args.output.format),
+        plan_targets(
+            inputs,
+            crate::run::OrderOptions::of_run(args),
+            None,
+            args.output.format,
+        ),
     )
     .await
 }
@@ -168,16 +179,27 @@ fn print_json(value: &serde_json::Value) {
     );
 }
 
+/// Plans a run of the targets, with the scan order a new job of that run
+/// would take.
 async fn plan_targets(
     inputs: ScanInputs<'_>,
+    order: crate::run::OrderOptions,
     sample: Option<u64>,
     format: OutputFormat,
 ) -> Result<i32, Failure> {
+    order.check()?;
     let prepared = prepare(inputs, cli::DEFAULT_REPORT_LIMIT as usize).await?;
     // A plan stands for a run, which would reject such a target.
     crate::run::reject_instead_rules(&prepared.targets)?;
-    let mut planned = Vec::with_capacity(prepared.targets.len());
+    let mut orders = Vec::with_capacity(prepared.targets.len());
     for target in &prepared.targets {
+        let state = TableState::read(&prepared.settings.db, &target.quoted_table())
+            .await
+            .map_err(|e| Failure::from_database("cannot read the table's state", &e))?;
+        orders.push(crate::run::choose_order(&prepared.settings.db, target, &state, order).await?);
+    }
+    let mut planned = Vec::with_capacity(prepared.targets.len());
+    for (target, order) in prepared.targets.iter().zip(orders) {
         let scan = match sample {
             Some(rows) => scan::scan_sample(&prepared.settings, target, rows).await?,
             None => scan::scan_full(&prepared.settings, target).await?,
@@ -191,6 +213,7 @@ async fn plan_targets(
         planned.push(PlanTarget {
             scan,
             estimated_seconds,
+            order,
         });
     }
     let keys = KeyEvidence::from_keys(&prepared.keys);
@@ -214,6 +237,7 @@ fn plan_json(keys: &KeyEvidence, planned: &[PlanTarget]) -> serde_json::Value {
                 "index": p.scan.index,
                 "estimated": p.scan.is_estimate(),
                 "method": p.scan.method,
+                "scan_order": report::order_name(p.order),
                 "counts": report::outcome_counts_json(&p.scan.counts),
                 "keys": p.scan.keys,
                 "scan_seconds": p.scan.seconds,

@@ -345,6 +345,17 @@ pub struct PlanTarget {
     pub scan: crate::scan::TargetScan,
     /// Read-and-classify time for all the target's rows at the measured rate.
     pub estimated_seconds: f64,
+    /// The order a new job's pass would take.
+    pub order: crate::cli::ScanOrder,
+}
+
+/// Returns the name of a pass's order, as `--scan-order` spells it.
+pub fn order_name(order: crate::cli::ScanOrder) -> &'static str {
+    match order {
+        crate::cli::ScanOrder::Auto => "auto",
+        crate::cli::ScanOrder::Key => "key",
+        crate::cli::ScanOrder::Physical => "physical",
+    }
 }
 
 /// Renders a plan for a terminal.
@@ -383,6 +394,7 @@ pub fn render_plan(keys: &KeyEvidence, targets: &[PlanTarget]) -> String {
                 t.scan.target.clone(),
                 t.scan.key_columns.join(", "),
                 t.scan.index.clone(),
+                order_name(t.order).to_string(),
                 format!("{:.0}", t.scan.rows_per_second),
                 format_seconds(t.estimated_seconds),
             ]
@@ -393,6 +405,7 @@ pub fn render_plan(keys: &KeyEvidence, targets: &[PlanTarget]) -> String {
             "target",
             "paging key",
             "index",
+            "new job's order",
             "rows/s read",
             "est. read time",
         ],

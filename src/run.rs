@@ -376,19 +376,66 @@ async fn fetch_key(
 /// NOTE: the crossover between those two sizes was not measured.
 const AUTO_PHYSICAL_FACTOR: i64 = 4;
 
-/// Chooses the order of a new job's pass over `target`. With `physical`,
-/// rejects a target that cannot be read by row position: a table with
-/// partitions or child tables, or a server before PostgreSQL 14, which has
-/// no range scans by row position. With `auto`, such a target, a job with
-/// several shards or without sweeps, a table whose sweep reads every row
-/// (see `TableState`), and a table that fits the server's cache get key order.
-async fn choose_order(
+/// The options that decide the order of a new job's pass.
+#[derive(Debug, Clone, Copy)]
+pub struct OrderOptions {
+    pub requested: ScanOrder,
+    pub shard_count: u32,
+    pub max_sweeps: u32,
+}
+
+impl OrderOptions {
+    /// Returns the options of `run` as given.
+    pub fn of_run(args: &RunArgs) -> OrderOptions {
+        OrderOptions {
+            requested: args.scan_order,
+            shard_count: args.shard_count,
+            max_sweeps: args.max_sweeps,
+        }
+    }
+
+    /// Rejects a physical order that the other options rule out.
+    pub fn check(&self) -> Result<(), Failure> {
+        if self.requested != ScanOrder::Physical {
+            return Ok(());
+        }
+        if self.shard_count > 1 {
+            return Err(Failure::Config(
+                "--scan-order physical runs as one shard; split the work with --writers, or use --scan-order key with --shard-count".into(),
+            ));
+        }
+        if self.max_sweeps == 0 {
+            return Err(Failure::Config(
+                "--scan-order physical needs the sweep, since a row the application updates during the pass may move behind it; use --max-sweeps of 1 or more".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Returns the options of a `run` given none of them.
+    pub fn defaults() -> OrderOptions {
+        OrderOptions {
+            requested: ScanOrder::Auto,
+            shard_count: 1,
+            max_sweeps: crate::cli::DEFAULT_MAX_SWEEPS,
+        }
+    }
+}
+
+/// Chooses the order of a new job's pass over `target`, `key` or `physical`.
+/// With `physical`, rejects a target that cannot be read by row position: a
+/// table with partitions or child tables, or a server before PostgreSQL 14,
+/// which has no range scans by row position. With `auto`, such a target, a
+/// job with several shards or without sweeps, a table whose sweep reads
+/// every row (see `TableState`), and a table that fits the server's cache
+/// get key order.
+pub async fn choose_order(
     db: &Database,
     target: &Target,
     state: &TableState,
-    args: &RunArgs,
+    options: OrderOptions,
 ) -> Result<ScanOrder, Failure> {
-    let explicit = match args.scan_order {
+    let explicit = match options.requested {
         ScanOrder::Key => return Ok(ScanOrder::Key),
         ScanOrder::Physical => true,
         ScanOrder::Auto => false,
@@ -409,7 +456,7 @@ async fn choose_order(
             target.label()
         ));
     }
-    if args.shard_count > 1 || args.max_sweeps == 0 {
+    if options.shard_count > 1 || options.max_sweeps == 0 {
         // `run` rejects these settings with `physical` before any work.
         return Ok(ScanOrder::Key);
     }
@@ -517,18 +564,7 @@ async fn run_job(
             args.shard_index, args.shard_count
         )));
     }
-    if args.scan_order == ScanOrder::Physical {
-        if args.shard_count > 1 {
-            return Err(Failure::Config(
-                "--scan-order physical runs as one shard; split the work with --writers, or use --scan-order key with --shard-count".into(),
-            ));
-        }
-        if args.max_sweeps == 0 {
-            return Err(Failure::Config(
-                "--scan-order physical needs the sweep, since a row the application updates during the pass may move behind it; use --max-sweeps of 1 or more".into(),
-            ));
-        }
-    }
+    OrderOptions::of_run(args).check()?;
     if args.lease_ttl_secs < 3 {
         return Err(Failure::Config(
             "--lease-ttl-secs must be at least 3".into(),
@@ -921,7 +957,7 @@ async fn rotate_all(
         let before = TableState::read(&settings.db, &target.quoted_table())
             .await
             .map_err(|e| Failure::from_database("cannot start the keyset pass", &e))?;
-        let order = choose_order(&settings.db, target, &before, args).await?;
+        let order = choose_order(&settings.db, target, &before, OrderOptions::of_run(args)).await?;
         let (ranges, created) = ensure_ranges(
             &settings.db,
             &settings.schema,

@@ -362,3 +362,81 @@ async fn physical_resume_sweeps_with_writers() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn plan_shows_the_order_of_a_new_job() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, 50, &old.key).await;
+    db.exec(
+        "CREATE TABLE p (id bigint PRIMARY KEY, secret text) PARTITION BY RANGE (id); \
+         CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100)",
+    )
+    .await;
+    let dry_run = |target: &str, args: &[&str]| {
+        run_json(
+            run_command(&db, &[target], &[&old.path], &new.path)
+                .arg("--dry-run")
+                .args(args),
+        )
+    };
+    let order_of = |args: &[&str]| {
+        let (code, plan, text) = dry_run("t.secret", args);
+        assert_eq!(code, 0, "{text}");
+        plan["targets"][0]["scan_order"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no scan_order in {text}"))
+            .to_string()
+    };
+    // The table fits the server's cache, so `auto` takes key order.
+    assert_eq!(order_of(&[]), "key");
+    assert_eq!(order_of(&["--scan-order", "key"]), "key");
+    assert_eq!(order_of(&PHYSICAL), "physical");
+
+    // `plan` shows the order a run with no order options would take.
+    let output = common::binary()
+        .args(["plan", "--database-url", &db.url, "--target", "t.secret"])
+        .arg("--old-key-file")
+        .arg(&old.path)
+        .arg("--new-key-file")
+        .arg(&new.path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    let header = text
+        .lines()
+        .find(|line| line.contains("new job's order"))
+        .unwrap_or_else(|| panic!("no order column in {text}"));
+    let row = text
+        .lines()
+        .skip_while(|line| *line != header)
+        .find(|line| line.contains("public.t.secret"))
+        .unwrap_or_else(|| panic!("no paging row in {text}"));
+    assert!(row.contains(" key "), "{row}");
+
+    // A dry run refuses what the run would refuse, with the same exit code.
+    let refused = |target: &str, args: &[&str], expected: &str| {
+        let (code, _, text) = dry_run(target, args);
+        assert_eq!(code, 2, "{text}");
+        assert!(text.contains(expected), "expected {expected:?} in {text}");
+    };
+    refused("p.secret", &PHYSICAL, "is partitioned or has child tables");
+    refused(
+        "t.secret",
+        &["--scan-order", "physical", "--shard-count", "2"],
+        "runs as one shard",
+    );
+    refused(
+        "t.secret",
+        &["--scan-order", "physical", "--max-sweeps", "0"],
+        "--max-sweeps of 1 or more",
+    );
+    let schema: Option<String> =
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname = 'reencrypt'")
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(schema, None, "a dry run created the checkpoint schema");
+}
