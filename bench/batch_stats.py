@@ -11,6 +11,8 @@ fetch, crypto and write milliseconds) and the peak resident set size.
 In physical order a window is written in several transactions, and each is
 logged as a batch with its phase, such as 2/3. Here the phases of a window
 count as one batch, with the rows and milliseconds of all of them.
+Last, it prints the pass's rows/s in each fifth of its rows, to show
+whether the pass slows down as it advances through the table.
 """
 
 import json
@@ -60,6 +62,22 @@ def merge_phases(batches):
     return merged + list(open_of.values())
 
 
+def rates_by_fifth(batches, pass_start):
+    """Rows/s of each fifth of the pass's rows, from the times its batches committed."""
+    total = sum(float(b["rows"]) for b in batches)
+    if total <= 0:
+        return []
+    rates, done, since, since_rows = [], 0.0, pass_start, 0.0
+    for batch in sorted(batches, key=lambda b: epoch(b["timestamp"])):
+        done += float(batch["rows"])
+        at = epoch(batch["timestamp"])
+        # A fifth ends at the batch that takes the rows past its share.
+        while len(rates) < 5 and done >= total * (len(rates) + 1) / 5:
+            rates.append((done - since_rows) / max(at - since, 1e-9))
+            since, since_rows = at, done
+    return rates
+
+
 def main():
     log_path, start, end, time_path = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
     batches = {"Main": [], "Sweep": []}
@@ -96,6 +114,11 @@ def main():
             values = [float(b[field]) for b in main_pass]
             figures = " / ".join(f"{percentile(values, q):.0f}" for q in (0.50, 0.95, 0.99)) + f" / {max(values):.0f}"
             print(f"    {label:<7}{figures}")
+    if batches["Main"] and first_range is not None:
+        rates = rates_by_fifth(batches["Main"], first_range)
+        if len(rates) == 5:
+            figures = " / ".join(f"{rate:,.0f}" for rate in rates)
+            print(f"    rows/s by fifth of the pass: {figures} (last / first: {rates[-1] / rates[0]:.2f})")
     with open(time_path) as timing:
         for line in timing:
             if "Maximum resident set size" in line:

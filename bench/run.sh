@@ -12,8 +12,9 @@
 #      BENCH_ORDERS and writer count in BENCH_WRITERS;
 # and prints rows/s, the ratio to the floor, the time spent before the first
 # range, in the keyset pass and in the final sweep, batch latency percentiles,
-# peak RSS, and how many updates were HOT (added no index entry). Each
-# product run is checked: every row must read under the new key.
+# the pass's rows/s in each fifth of its rows, peak RSS, and how many updates
+# were HOT (added no index entry). Each product run is checked: every row
+# must read under the new key.
 #
 # Environment:
 #   BENCH_SERVER   server URL without a database (default postgres://postgres@127.0.0.1:5432)
