@@ -15,7 +15,9 @@ RUN mkdir src \
     && rm -rf src
 
 # sqlx::migrate! embeds migrations/ at compile time, so it must be present
-# before the crate itself is compiled.
+# before the crate itself is compiled. build.rs rebuilds the crate when a
+# migration changes.
+COPY build.rs ./
 COPY migrations ./migrations
 COPY src ./src
 # COPY keeps the files' own modification times, which can be older than the

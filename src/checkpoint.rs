@@ -390,24 +390,27 @@ pub async fn load_ranges(
         .collect()
 }
 
-/// Records `horizon` as the horizon of the pass in physical order of each
-/// of a target's ranges that has none yet, in one statement. Returns each
-/// range's index, recorded horizon and upper bound.
-pub async fn pin_pass_horizon(
+/// Records `frontier` as the frontier of the pass in physical order of each
+/// of a target's ranges that has none yet, in one statement (see
+/// `PhysicalScan`). A range whose pass an earlier version started keeps
+/// its recorded horizon in place of a frontier. Returns each range's index,
+/// recorded frontier and upper bound.
+pub async fn pin_pass_frontier(
     conn: &mut PgConnection,
     schema: &str,
     job: &str,
     target: &str,
-    horizon: i64,
+    frontier: i64,
 ) -> Result<Vec<(i32, i64, Option<Vec<String>>)>, sqlx::Error> {
     let q = quote_ident(schema);
     sqlx::query_as(&format!(
-        "UPDATE {q}.ranges SET pass_horizon = COALESCE(pass_horizon, $3) \
-         WHERE job = $1 AND target = $2 RETURNING range_index, pass_horizon, upper_key"
+        "UPDATE {q}.ranges SET pass_frontier = CASE WHEN pass_horizon IS NULL THEN COALESCE(pass_frontier, $3) END \
+         WHERE job = $1 AND target = $2 \
+         RETURNING range_index, COALESCE(pass_frontier, pass_horizon), upper_key"
     ))
     .bind(job)
     .bind(target)
-    .bind(horizon)
+    .bind(frontier)
     .fetch_all(conn)
     .await
 }

@@ -129,12 +129,16 @@ pub struct RangeWork {
 /// rewrite of the table, which moves every row.
 ///
 /// The pass reads every row it meets. Among the rows written since the
-/// horizon it meets again the ones it rewrote itself: those already under
-/// the new key are left out of the batch, so that no row counts twice.
+/// pass started it meets again the ones it rewrote itself: those already
+/// under the new key are left out of the batch, so that no row counts twice.
 #[derive(Debug, Clone, Copy)]
 pub struct PhysicalScan {
-    /// The horizon of the pass, as a 32-bit ID.
-    pub horizon: u32,
+    /// The first transaction ID not yet assigned when the pass started (the
+    /// `xmax` of a snapshot), as a 32-bit ID. Every row the pass rewrites
+    /// has a version from that ID on. A row written before the pass started
+    /// has an older one, even while a transaction that started before it
+    /// still runs, so it counts when the pass reads it.
+    pub frontier: u32,
 }
 
 /// Blocks in the first window of a pass in physical order; later windows
@@ -216,7 +220,7 @@ struct Batch {
     /// reached once (see `Phase`).
     in_key_order: bool,
     /// In physical order, whether each row's version is as new as the
-    /// pass's horizon or newer; empty otherwise.
+    /// pass's frontier or newer; empty otherwise.
     newer: Vec<bool>,
     fetch_seconds: f64,
 }
@@ -421,8 +425,8 @@ struct ClassifiedBatch {
 }
 
 impl ClassifiedBatch {
-    /// Leaves out the rows of a pass in physical order that are newer than
-    /// its horizon and already under the new key: rows the pass rewrote and
+    /// Leaves out the rows of a pass in physical order that are as new as
+    /// its frontier and already under the new key: rows the pass rewrote and
     /// then met again, or rows written under the new key since. Rows under
     /// an old key stay, whatever their age.
     fn without_rewritten(mut self) -> ClassifiedBatch {
@@ -1219,7 +1223,7 @@ async fn next_in_physical_order(
 }
 
 /// Reads the rows between two positions, both exclusive, in position order,
-/// with whether each is newer than the pass's horizon; capped in rows and bytes.
+/// with whether each is as new as the pass's frontier; capped in rows and bytes.
 async fn fetch_physical(
     settings: &PipelineSettings,
     statements: &Statements,
@@ -1233,7 +1237,7 @@ async fn fetch_physical(
     let query = sqlx::query(&statements.physical_fetch)
         .bind(lower)
         .bind(upper)
-        .bind(scan.horizon.to_string())
+        .bind(scan.frontier.to_string())
         .bind(limit as i64);
     let mut batch = read_batch(
         &mut tx,

@@ -825,9 +825,9 @@ struct Prepared {
 /// Prepares a target's pass in physical order. With `extend`, for ranges
 /// made in this run, it extends the last one to the table's blocks now,
 /// read after the horizon `before`, so that every row past the last bound
-/// is newer than `before`. It then pins the horizon of every range's pass:
-/// `before`, or the one pinned by the run that started the pass. Returns
-/// each range's horizon and upper bound.
+/// is newer than `before`. It then pins the frontier of every range's pass:
+/// that of `before`, or the one pinned by the run that started the pass.
+/// Returns each range's frontier and upper bound.
 async fn prepare_physical(
     settings: &PipelineSettings,
     label: &str,
@@ -860,21 +860,21 @@ async fn prepare_physical(
             .map_err(fail)?;
         }
     }
-    let pinned = checkpoint::pin_pass_horizon(
+    let pinned = checkpoint::pin_pass_frontier(
         &mut tx,
         &settings.schema,
         &settings.job,
         label,
-        before.horizon,
+        before.frontier,
     )
     .await
     .map_err(fail)?;
     tx.commit().await.map_err(fail)?;
     Ok(pinned
         .into_iter()
-        .map(|(index, horizon, upper)| {
+        .map(|(index, frontier, upper)| {
             let scan = PhysicalScan {
-                horizon: pipeline::xid32(horizon),
+                frontier: pipeline::xid32(frontier),
             };
             (index, scan, upper)
         })

@@ -14,7 +14,8 @@ pub struct Statements {
     /// Fetch in physical order, for a pass with `--scan-order physical`:
     /// rows after a position (`ctid`, exclusive) and before another, in
     /// position order, up to a limit. After the position comes whether the
-    /// row's version is as new as a horizon or newer.
+    /// row's version is as new as a transaction ID (the pass's frontier) or
+    /// newer.
     pub physical_fetch: String,
     /// Every row whose key equals the given one, with the columns of a fetch.
     /// Keys repeat across an inheritance tree, whose primary key covers only
@@ -122,7 +123,7 @@ impl Statements {
         let key_group = format!("{select} WHERE ({key_list}) = ({})", params(1));
         // `age()` compares IDs modulo 2^32. A frozen row keeps its original
         // `xmin`, which after 2^31 more transactions looks newer than the
-        // horizon, so the flag may only ever save work, never skip a row.
+        // frontier, so the flag may only ever save work, never skip a row.
         let physical_fetch = format!(
             "SELECT {columns}, age(t.xmin) <= age($3::text::xid) AS newer FROM {table} AS t \
              WHERE t.ctid > $1::tid AND t.ctid < $2::tid ORDER BY t.ctid LIMIT $4"

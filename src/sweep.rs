@@ -31,7 +31,7 @@ pub struct TableState {
     /// The oldest transaction that may not be visible yet (snapshot `xmin`), 64-bit.
     pub horizon: i64,
     /// The next transaction to start (snapshot `xmax`), 64-bit.
-    frontier: i64,
+    pub frontier: i64,
     /// `pg_postmaster_start_time()`: a restart or a failover can undo
     /// commits the pass saw acknowledged, and reuse their IDs.
     server_started: String,

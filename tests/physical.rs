@@ -440,3 +440,42 @@ async fn plan_shows_the_order_of_a_new_job() {
             .unwrap();
     assert_eq!(schema, None, "a dry run created the checkpoint schema");
 }
+
+#[tokio::test]
+async fn rows_written_before_the_pass_count_while_an_older_transaction_runs() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows: i64 = 400;
+    fill(&db, rows, &old.key).await;
+    // A session that took a transaction ID before the rows below were
+    // written, and keeps its transaction open through the run: the oldest
+    // running transaction is then older than those rows.
+    let mut older = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN; SELECT txid_current()")
+        .execute(&mut older)
+        .await
+        .unwrap();
+    for id in (4..=rows).step_by(4) {
+        put(&db, id, &new.key, &plaintext(id)).await;
+    }
+    let current = rows / 4;
+
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path)
+            .args(PHYSICAL)
+            .args(["--batch-size", "100"]),
+    );
+    sqlx::raw_sql("ROLLBACK").execute(&mut older).await.unwrap();
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(first_target_count(&summary, "rows_scanned"), rows, "{text}");
+    assert_eq!(first_target_count(&summary, "current"), current, "{text}");
+    assert_eq!(
+        first_target_count(&summary, "reencrypted"),
+        rows - current,
+        "{text}"
+    );
+    assert_reads(&db, &new.key, rows, plaintext).await;
+}
