@@ -17,7 +17,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Postgres, Transaction};
+use sqlx::{ConnectOptions, Postgres, Transaction};
 
 /// Minimum statement timeout of a sweep's sequential scan for changed rows:
 /// one hour.
@@ -54,7 +54,12 @@ impl Database {
             // No statement outlives its transaction: a cached one would be
             // missing on the next server connection a pooler hands out, and
             // `DEALLOCATE ALL` in `begin` would drop it anyway.
-            .statement_cache_capacity(0);
+            .statement_cache_capacity(0)
+            // A statement that waits for a lock or reads a whole table for
+            // the sweep takes seconds by design. sqlx would warn of each one
+            // with its SQL; the run's own logs tell of waits, retries and
+            // stalls, so those lines show only with debug logging.
+            .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .min_connections(0)

@@ -585,6 +585,45 @@ async fn postgres_restart_mid_run_recovers() {
 }
 
 #[tokio::test]
+async fn a_lock_wait_logs_no_sql() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 500;
+    fill(&db.pool, "t", rows, &old.key, &new.key).await;
+
+    // Another session holds a row lock for longer than a second, shorter
+    // than the lock timeout: the batch with that row waits, then commits.
+    let mut locker =
+        sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(&db.url).unwrap())
+            .await
+            .unwrap();
+    sqlx::raw_sql("BEGIN; SELECT id FROM t WHERE id = 250 FOR UPDATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .args(["--format", "json"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
+    locker.close().await.unwrap();
+
+    let output = child.wait_with_output().unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("slow statement"), "{text}");
+    assert!(!stderr.contains("UPDATE"), "SQL in the log: {text}");
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(counts(&summary, 0)["reencrypted"], rows, "{text}");
+}
+
+#[tokio::test]
 async fn row_locks_past_lock_timeout_are_retried() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
