@@ -340,6 +340,10 @@ pub struct PlanArgs {
     /// Output format: `table` for people, `json` for machines.
     #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
     pub format: OutputFormat,
+
+    /// At most this many keys are listed per outcome that needs attention.
+    #[arg(long, default_value_t = DEFAULT_REPORT_LIMIT)]
+    pub report_limit: i64,
 }
 
 #[derive(Args, Debug, Clone)]

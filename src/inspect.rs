@@ -43,9 +43,10 @@ pub async fn plan(args: &PlanArgs) -> Result<i32, Failure> {
         tuning: &args.tuning,
     };
     let order = crate::run::OrderOptions::defaults();
+    let limit = report_limit(args.report_limit)?;
     stop_on_signal(
         "plan",
-        plan_targets(inputs, order, args.sample, args.format),
+        plan_targets(inputs, order, limit, args.sample, args.format),
     )
     .await
 }
@@ -69,6 +70,7 @@ pub async fn plan_from_run(args: &RunArgs) -> Result<i32, Failure> {
         plan_targets(
             inputs,
             crate::run::OrderOptions::of_run(args),
+            report_limit(args.output.report_limit)?,
             None,
             args.output.format,
         ),
@@ -89,6 +91,12 @@ struct Prepared {
     settings: ScanSettings,
     targets: Vec<Target>,
     keys: KeySet,
+}
+
+/// Checks `--report-limit`, the number of keys listed per outcome.
+pub fn report_limit(limit: i64) -> Result<usize, Failure> {
+    usize::try_from(limit)
+        .map_err(|_| Failure::Config(format!("--report-limit must be zero or more, got {limit}")))
 }
 
 /// Checks the options, reads the keys and resolves the targets, all before
@@ -184,11 +192,12 @@ fn print_json(value: &serde_json::Value) {
 async fn plan_targets(
     inputs: ScanInputs<'_>,
     order: crate::run::OrderOptions,
+    keys_per_outcome: usize,
     sample: Option<u64>,
     format: OutputFormat,
 ) -> Result<i32, Failure> {
     order.check()?;
-    let prepared = prepare(inputs, cli::DEFAULT_REPORT_LIMIT as usize).await?;
+    let prepared = prepare(inputs, keys_per_outcome).await?;
     // A plan stands for a run, which would reject such a target.
     crate::run::reject_instead_rules(&prepared.targets)?;
     let mut orders = Vec::with_capacity(prepared.targets.len());
@@ -266,12 +275,7 @@ pub async fn verify(args: &VerifyArgs) -> Result<i32, Failure> {
 
 async fn verify_targets(args: &VerifyArgs) -> Result<i32, Failure> {
     let started_at = chrono::Utc::now();
-    let limit = args.output.report_limit;
-    if limit < 0 {
-        return Err(Failure::Config(format!(
-            "--report-limit must be 0 or more, got {limit}"
-        )));
-    }
+    let limit = report_limit(args.output.report_limit)?;
     if args.job.as_deref().is_some_and(|j| j.trim().is_empty()) {
         return Err(Failure::Config("--job must not be empty".into()));
     }
@@ -282,7 +286,7 @@ async fn verify_targets(args: &VerifyArgs) -> Result<i32, Failure> {
         keys: &args.keys,
         tuning: &args.tuning,
     };
-    let prepared = prepare(inputs, limit as usize).await?;
+    let prepared = prepare(inputs, limit).await?;
     let job = args
         .job
         .clone()
@@ -307,7 +311,7 @@ async fn verify_targets(args: &VerifyArgs) -> Result<i32, Failure> {
     } else {
         crate::exit::SUCCESS
     };
-    let listed = listed_keys(&scans, limit as usize);
+    let listed = listed_keys(&scans, limit);
     let keys = KeyEvidence::from_keys(&prepared.keys);
 
     let finished_at = chrono::Utc::now();
@@ -347,7 +351,10 @@ async fn verify_targets(args: &VerifyArgs) -> Result<i32, Failure> {
 
     match args.output.format {
         OutputFormat::Table => {
-            print!("{}", report::render_verify(&keys, &scans, &listed, limit));
+            print!(
+                "{}",
+                report::render_verify(&keys, &scans, &listed, args.output.report_limit)
+            );
             println!("{recorded}");
         }
         OutputFormat::Json => {

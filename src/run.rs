@@ -546,12 +546,7 @@ async fn run_job(
         return Err(Failure::Config("--schema must not be empty".into()));
     }
     crate::inspect::check_report_path(args.output.report.as_deref())?;
-    if args.output.report_limit < 0 {
-        return Err(Failure::Config(format!(
-            "--report-limit must be zero or more, got {}",
-            args.output.report_limit
-        )));
-    }
+    crate::inspect::report_limit(args.output.report_limit)?;
     if args.writers == 0 || args.writers > 64 {
         return Err(Failure::Config(format!(
             "--writers must be between 1 and 64, got {}",

@@ -321,6 +321,55 @@ async fn plan_leaves_existing_checkpoints_unchanged() {
 }
 
 #[tokio::test]
+async fn plan_lists_keys_up_to_the_report_limit() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let other = KeyFile::generate();
+    db.exec("CREATE TABLE creds (id int PRIMARY KEY, secret text)")
+        .await;
+    // Six values under a key that was not given: undecryptable.
+    for id in 1..=6 {
+        sqlx::query("INSERT INTO creds VALUES ($1, $2)")
+            .bind(id)
+            .bind(encrypt_string(&other.key, &format!("v-{id}")))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    let listed = |plan: &serde_json::Value| {
+        plan["targets"][0]["keys"]["undecryptable"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+
+    let (code, plan, text) = json_output(
+        scan_command("plan", &db, &[TARGET], &old.path, &new.path).args(["--report-limit", "2"]),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(number(&plan["total"], "undecryptable"), 6, "{text}");
+    assert_eq!(listed(&plan), 2, "{text}");
+
+    let (code, plan, text) =
+        json_output(run_command(&db, &[TARGET], &[&old.path], &new.path).args([
+            "--dry-run",
+            "--report-limit",
+            "3",
+        ]));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(listed(&plan), 3, "{text}");
+
+    let (code, text) = plain_output(
+        scan_command("plan", &db, &[TARGET], &old.path, &new.path).arg("--report-limit=-1"),
+    );
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("--report-limit must be zero or more"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn plan_counts_equal_run_counts() {
     let db = TestDb::new().await;
     let vectors = load_vectors();
