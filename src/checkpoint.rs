@@ -242,6 +242,24 @@ pub async fn register_job(
         return Ok(Ok(()));
     };
 
+    if let Err(mismatch) = compare_identity(&row, identity)? {
+        return Ok(Err(mismatch));
+    }
+    sqlx::query(&format!(
+        "UPDATE {q}.jobs SET status = 'running', updated_at = now(), finished_at = NULL WHERE job = $1 AND status <> 'finished'"
+    ))
+    .bind(&identity.job)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Ok(()))
+}
+
+/// Compares this run with a job's stored row (`targets`, keys, versions,
+/// shards and writers).
+fn compare_identity(
+    row: &sqlx::postgres::PgRow,
+    identity: &JobIdentity,
+) -> Result<Result<(), IdentityMismatch>, sqlx::Error> {
     let differs = |what: &'static str, stored: String, given: String| {
         Ok(Err(IdentityMismatch::Differs {
             job: identity.job.clone(),
@@ -302,13 +320,54 @@ pub async fn register_job(
             identity.writers.to_string(),
         );
     }
-    sqlx::query(&format!(
-        "UPDATE {q}.jobs SET status = 'running', updated_at = now(), finished_at = NULL WHERE job = $1 AND status <> 'finished'"
+    Ok(Ok(()))
+}
+
+/// Reads, without writing, whether the job exists in `schema` and matches
+/// this run as `register_job` would check it. Returns `None` when the
+/// schema or the job does not exist.
+pub async fn check_stored_job(
+    conn: &mut PgConnection,
+    schema: &str,
+    identity: &JobIdentity,
+) -> Result<Option<Result<(), IdentityMismatch>>, sqlx::Error> {
+    let q = quote_ident(schema);
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(format!("{q}.jobs"))
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        return Ok(None);
+    }
+    let stored = sqlx::query(&format!(
+        "SELECT targets, new_key_fingerprint, old_key_fingerprints, new_key_version, old_key_versions, \
+         shard_count, writers FROM {q}.jobs WHERE job = $1"
     ))
     .bind(&identity.job)
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(Ok(()))
+    match stored {
+        Some(row) => compare_identity(&row, identity).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Returns the key columns of a target's ranges in a job, or `None` when
+/// the job has no ranges for it yet.
+pub async fn range_key_columns(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+    target: &str,
+) -> Result<Option<Vec<String>>, sqlx::Error> {
+    let q = quote_ident(schema);
+    sqlx::query_scalar(&format!(
+        "SELECT key_columns FROM {q}.ranges WHERE job = $1 AND target = $2 ORDER BY range_index LIMIT 1"
+    ))
+    .bind(job)
+    .bind(target)
+    .fetch_optional(conn)
+    .await
 }
 
 /// Formats a stored Vault version, or notes that the key did not come from Vault.

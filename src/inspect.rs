@@ -42,13 +42,14 @@ pub async fn plan(args: &PlanArgs) -> Result<i32, Failure> {
         keys: &args.keys,
         tuning: &args.tuning,
     };
-    let order = crate::run::OrderOptions::defaults();
-    let limit = report_limit(args.report_limit)?;
-    stop_on_signal(
-        "plan",
-        plan_targets(inputs, order, limit, args.sample, args.format),
-    )
-    .await
+    let plan = PlanOptions {
+        order: crate::run::OrderOptions::defaults(),
+        resume: None,
+        keys_per_outcome: report_limit(args.report_limit)?,
+        sample: args.sample,
+        format: args.format,
+    };
+    stop_on_signal("plan", plan_targets(inputs, plan)).await
 }
 
 /// Plans exactly the run that the same options would start (`run --dry-run`).
@@ -59,23 +60,21 @@ pub async fn plan_from_run(args: &RunArgs) -> Result<i32, Failure> {
             "--dry-run writes nothing, so it takes neither --report nor --restart; use `reencrypt plan --format json` for a record of the plan".into(),
         ));
     }
+    crate::run::check_options(args)?;
     let inputs = ScanInputs {
         database: &args.database,
         targets: &args.targets,
         keys: &args.keys,
         tuning: &args.tuning,
     };
-    stop_on_signal(
-        "run --dry-run",
-        plan_targets(
-            inputs,
-            crate::run::OrderOptions::of_run(args),
-            report_limit(args.output.report_limit)?,
-            None,
-            args.output.format,
-        ),
-    )
-    .await
+    let plan = PlanOptions {
+        order: crate::run::OrderOptions::of_run(args),
+        resume: Some(args),
+        keys_per_outcome: report_limit(args.output.report_limit)?,
+        sample: None,
+        format: args.output.format,
+    };
+    stop_on_signal("run --dry-run", plan_targets(inputs, plan)).await
 }
 
 /// The options a read-only scan is built from, shared by `plan`, `run --dry-run` and `verify`.
@@ -187,26 +186,51 @@ fn print_json(value: &serde_json::Value) {
     );
 }
 
-/// Plans a run of the targets, with the scan order a new job of that run
-/// would take.
-async fn plan_targets(
-    inputs: ScanInputs<'_>,
+/// The options of a plan, besides the targets and keys.
+struct PlanOptions<'a> {
+    /// The options that decide a new job's order.
     order: crate::run::OrderOptions,
+    /// For `run --dry-run`, the run's options, to find the job it would resume.
+    resume: Option<&'a RunArgs>,
     keys_per_outcome: usize,
     sample: Option<u64>,
     format: OutputFormat,
-) -> Result<i32, Failure> {
-    order.check()?;
-    let prepared = prepare(inputs, keys_per_outcome).await?;
+}
+
+/// Plans a run of the targets, with the order of each target's pass: that
+/// of the job the run would resume, or the one a new job would take.
+async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i32, Failure> {
+    plan.order.check()?;
+    let prepared = prepare(inputs, plan.keys_per_outcome).await?;
     // A plan stands for a run, which would reject such a target.
     crate::run::reject_instead_rules(&prepared.targets)?;
+    let resumed = match plan.resume {
+        Some(args) => {
+            crate::run::resumed_job(
+                &prepared.settings.db,
+                args,
+                &prepared.targets,
+                &prepared.keys,
+            )
+            .await?
+        }
+        None => None,
+    };
     let mut orders = Vec::with_capacity(prepared.targets.len());
-    for target in &prepared.targets {
+    for (index, target) in prepared.targets.iter().enumerate() {
+        if let Some(order) = resumed.as_ref().and_then(|job| job.orders[index]) {
+            orders.push(order);
+            continue;
+        }
         let state = TableState::read(&prepared.settings.db, &target.quoted_table())
             .await
             .map_err(|e| Failure::from_database("cannot read the table's state", &e))?;
-        orders.push(crate::run::choose_order(&prepared.settings.db, target, &state, order).await?);
+        orders.push(
+            crate::run::choose_order(&prepared.settings.db, target, &state, plan.order).await?,
+        );
     }
+    let sample = plan.sample;
+    let resumes = resumed.map(|job| job.job);
     let mut planned = Vec::with_capacity(prepared.targets.len());
     for (target, order) in prepared.targets.iter().zip(orders) {
         let scan = match sample {
@@ -227,9 +251,23 @@ async fn plan_targets(
     }
     let keys = KeyEvidence::from_keys(&prepared.keys);
 
-    match format {
-        OutputFormat::Table => print!("{}", report::render_plan(&keys, &planned)),
-        OutputFormat::Json => print_json(&plan_json(&keys, &planned)),
+    match plan.format {
+        OutputFormat::Table => {
+            print!("{}", report::render_plan(&keys, &planned));
+            if let Some(job) = &resumes {
+                println!(
+                    "\nThe run resumes job {job}, in the order each target's pass started with."
+                );
+            }
+        }
+        OutputFormat::Json => {
+            let mut value = plan_json(&keys, &planned);
+            if plan.resume.is_some() {
+                value["command"] = serde_json::json!("run --dry-run");
+                value["resumes_job"] = serde_json::json!(resumes);
+            }
+            print_json(&value);
+        }
     }
     Ok(crate::exit::SUCCESS)
 }

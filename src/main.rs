@@ -86,14 +86,7 @@ async fn dispatch(command: Command, stop: Arc<AtomicBool>) -> Result<i32, Failur
             if args.dry_run {
                 return reencrypt::inspect::plan_from_run(&args).await;
             }
-            let listen = match args.metrics.metrics_listen.trim() {
-                "off" | "" => None,
-                address => Some(address.parse().map_err(|_| {
-                    Failure::Config(format!(
-                        "invalid --metrics-listen {address:?}: expected HOST:PORT or off"
-                    ))
-                })?),
-            };
+            let listen = reencrypt::run::metrics_listen(&args.metrics.metrics_listen)?;
             let handle = reencrypt::metrics::install(listen).map_err(Failure::Config)?;
             let pusher =
                 reencrypt::push::Pusher::start(&args.metrics, args.shard_index, handle.clone())?;

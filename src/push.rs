@@ -21,6 +21,29 @@ pub struct Pusher {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Checks the Pushgateway options; returns the URL, or `None` when pushing is off.
+pub fn gateway_url(args: &MetricsArgs) -> Result<Option<&str>, Failure> {
+    let Some(url) = args
+        .pushgateway_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+    else {
+        return Ok(None);
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(Failure::Config(format!(
+            "invalid --pushgateway-url {url:?}: expected an http:// or https:// URL"
+        )));
+    }
+    if args.push_interval_secs == 0 {
+        return Err(Failure::Config(
+            "--push-interval-secs must be greater than 0".into(),
+        ));
+    }
+    Ok(Some(url))
+}
+
 impl Pusher {
     /// Starts pushing when a Pushgateway URL is configured. Pushes wait until
     /// the job name is known, because the group's key is the job name and the shard.
@@ -29,24 +52,9 @@ impl Pusher {
         shard: u32,
         handle: PrometheusHandle,
     ) -> Result<Option<Pusher>, Failure> {
-        let Some(url) = args
-            .pushgateway_url
-            .as_deref()
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-        else {
+        let Some(url) = gateway_url(args)? else {
             return Ok(None);
         };
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(Failure::Config(format!(
-                "invalid --pushgateway-url {url:?}: expected an http:// or https:// URL"
-            )));
-        }
-        if args.push_interval_secs == 0 {
-            return Err(Failure::Config(
-                "--push-interval-secs must be greater than 0".into(),
-            ));
-        }
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()

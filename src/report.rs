@@ -345,7 +345,8 @@ pub struct PlanTarget {
     pub scan: crate::scan::TargetScan,
     /// Read-and-classify time for all the target's rows at the measured rate.
     pub estimated_seconds: f64,
-    /// The order a new job's pass would take.
+    /// The order of the target's pass: that of the job the run would
+    /// resume, or the one a new job would take.
     pub order: crate::cli::ScanOrder,
 }
 
@@ -405,7 +406,7 @@ pub fn render_plan(keys: &KeyEvidence, targets: &[PlanTarget]) -> String {
             "target",
             "paging key",
             "index",
-            "new job's order",
+            "pass order",
             "rows/s read",
             "est. read time",
         ],

@@ -496,6 +496,165 @@ pub async fn choose_order(
     }
 }
 
+/// Checks the options of `run` that need no I/O, for a run and for a dry
+/// run alike. The targets and tuning options are checked where they are
+/// parsed.
+pub fn check_options(args: &RunArgs) -> Result<(), Failure> {
+    if args.job.as_ref().is_some_and(|job| job.trim().is_empty()) {
+        return Err(Failure::Config("--job must not be empty".into()));
+    }
+    if args.database.schema.is_empty() {
+        return Err(Failure::Config("--schema must not be empty".into()));
+    }
+
+    crate::inspect::check_report_path(args.output.report.as_deref())?;
+    crate::inspect::report_limit(args.output.report_limit)?;
+
+    if args.writers == 0 || args.writers > 64 {
+        return Err(Failure::Config(format!(
+            "--writers must be between 1 and 64, got {}",
+            args.writers
+        )));
+    }
+    if args.shard_count == 0 || args.shard_index >= args.shard_count {
+        return Err(Failure::Config(format!(
+            "--shard-index must be below --shard-count (got index {} of {})",
+            args.shard_index, args.shard_count
+        )));
+    }
+    OrderOptions::of_run(args).check()?;
+
+    if args.lease_ttl_secs < 3 {
+        return Err(Failure::Config(
+            "--lease-ttl-secs must be at least 3".into(),
+        ));
+    }
+
+    if let Some(rate) = args.max_rows_per_second {
+        if !(rate > 0.0 && rate.is_finite()) {
+            return Err(Failure::Config(
+                "--max-rows-per-second must be a positive number".into(),
+            ));
+        }
+    }
+    if let Some(lag) = args.max_replication_lag_secs {
+        if !(lag >= 0.0 && lag.is_finite()) {
+            return Err(Failure::Config(
+                "--max-replication-lag-secs must be zero or a positive number".into(),
+            ));
+        }
+    }
+
+    metrics_listen(&args.metrics.metrics_listen)?;
+    crate::push::gateway_url(&args.metrics)?;
+    Ok(())
+}
+
+/// Reads `--metrics-listen`: an address to serve metrics on, or `None` for `off`.
+pub fn metrics_listen(listen: &str) -> Result<Option<std::net::SocketAddr>, Failure> {
+    match listen.trim() {
+        "off" | "" => Ok(None),
+        address => address.parse().map(Some).map_err(|_| {
+            Failure::Config(format!(
+                "invalid --metrics-listen {address:?}: expected HOST:PORT or off"
+            ))
+        }),
+    }
+}
+
+/// Returns the identity a run of these options gives its job.
+fn job_identity(args: &RunArgs, targets: &[Target], keys: &KeySet) -> JobIdentity {
+    let job = match &args.job {
+        Some(job) => job.clone(),
+        None => default_job_name(targets, keys),
+    };
+    JobIdentity {
+        job,
+        targets: targets.iter().map(Target::label).collect(),
+        new_key_fingerprint: keys.new.key.fingerprint(),
+        old_key_fingerprints: keys.old_fingerprints(),
+        new_key_version: keys.new.origin.vault_version().map(|v| v as i64),
+        old_key_versions: keys
+            .old
+            .iter()
+            .filter_map(|k| k.origin.vault_version())
+            .map(|v| v as i64)
+            .collect(),
+        shard_count: args.shard_count as i32,
+        writers: args.writers as i32,
+    }
+}
+
+/// The job that `run --dry-run` found for its options.
+pub struct ResumedJob {
+    pub job: String,
+    /// Each target's order, `None` where the job has no ranges for it yet.
+    pub orders: Vec<Option<ScanOrder>>,
+}
+
+/// Reads, without writing, the job that a run of these options would
+/// resume, for `run --dry-run`. Returns `None` for a new job. Refuses, as
+/// the run does, options that differ from the job's.
+pub async fn resumed_job(
+    db: &Database,
+    args: &RunArgs,
+    targets: &[Target],
+    keys: &KeySet,
+) -> Result<Option<ResumedJob>, Failure> {
+    let identity = job_identity(args, targets, keys);
+    let schema = &args.database.schema;
+    let context = "cannot read the job's checkpoints";
+    let fail = |e: sqlx::Error| Failure::from_database(context, &e);
+    let mut tx = db.begin_read_only().await.map_err(fail)?;
+    let Some(matched) = checkpoint::check_stored_job(&mut tx, schema, &identity)
+        .await
+        .map_err(fail)?
+    else {
+        return Ok(None);
+    };
+    matched.map_err(|e| Failure::Config(e.to_string()))?;
+    let mut orders = Vec::with_capacity(targets.len());
+    for target in targets {
+        let columns =
+            checkpoint::range_key_columns(&mut tx, schema, &identity.job, &target.label())
+                .await
+                .map_err(fail)?;
+        let order = columns.map(|columns| match columns == POSITION_COLUMNS {
+            true => ScanOrder::Physical,
+            false => ScanOrder::Key,
+        });
+        if let Some(started) = order {
+            check_job_order(
+                &identity.job,
+                args.scan_order,
+                started == ScanOrder::Physical,
+            )?;
+        }
+        orders.push(order);
+    }
+    tx.commit().await.map_err(fail)?;
+    Ok(Some(ResumedJob {
+        job: identity.job,
+        orders,
+    }))
+}
+
+/// Refuses a `--scan-order` other than the one a job's pass started with.
+fn check_job_order(job: &str, requested: ScanOrder, physical: bool) -> Result<(), Failure> {
+    let requested = match requested {
+        ScanOrder::Auto => return Ok(()),
+        ScanOrder::Key => false,
+        ScanOrder::Physical => true,
+    };
+    if requested == physical {
+        return Ok(());
+    }
+    let started = if physical { "physical" } else { "key" };
+    Err(Failure::Config(format!(
+        "job {job} was started with --scan-order {started}; use the settings the job started with, or --restart"
+    )))
+}
+
 /// Runs the job to completion or to the first failure.
 pub async fn run(args: &RunArgs, stop: Arc<AtomicBool>) -> Result<RunSummary, Failure> {
     run_to_record(args, stop)
@@ -539,46 +698,7 @@ async fn run_job(
     let (specs, unique_keys) = parse_targets(&args.targets)?;
     let (timeouts, sizing, retry) = tuning(&args.tuning)?;
     let sizing = shared_by_writers(sizing, args.writers);
-    if args.job.as_ref().is_some_and(|job| job.trim().is_empty()) {
-        return Err(Failure::Config("--job must not be empty".into()));
-    }
-    if args.database.schema.is_empty() {
-        return Err(Failure::Config("--schema must not be empty".into()));
-    }
-    crate::inspect::check_report_path(args.output.report.as_deref())?;
-    crate::inspect::report_limit(args.output.report_limit)?;
-    if args.writers == 0 || args.writers > 64 {
-        return Err(Failure::Config(format!(
-            "--writers must be between 1 and 64, got {}",
-            args.writers
-        )));
-    }
-    if args.shard_count == 0 || args.shard_index >= args.shard_count {
-        return Err(Failure::Config(format!(
-            "--shard-index must be below --shard-count (got index {} of {})",
-            args.shard_index, args.shard_count
-        )));
-    }
-    OrderOptions::of_run(args).check()?;
-    if args.lease_ttl_secs < 3 {
-        return Err(Failure::Config(
-            "--lease-ttl-secs must be at least 3".into(),
-        ));
-    }
-    if let Some(rate) = args.max_rows_per_second {
-        if !(rate > 0.0 && rate.is_finite()) {
-            return Err(Failure::Config(
-                "--max-rows-per-second must be a positive number".into(),
-            ));
-        }
-    }
-    if let Some(lag) = args.max_replication_lag_secs {
-        if !(lag >= 0.0 && lag.is_finite()) {
-            return Err(Failure::Config(
-                "--max-replication-lag-secs must be zero or a positive number".into(),
-            ));
-        }
-    }
+    check_options(args)?;
     let keys = crate::keys::resolve(&args.keys).await?;
     let pool = crypto_pool(args.tuning.threads)?;
 
@@ -606,25 +726,8 @@ async fn run_job(
     let schema = args.database.schema.clone();
 
     // The job: created, or resumed when everything matches.
-    let job = match &args.job {
-        Some(job) => job.clone(),
-        None => default_job_name(&targets, &keys),
-    };
-    let identity = JobIdentity {
-        job: job.clone(),
-        targets: targets.iter().map(Target::label).collect(),
-        new_key_fingerprint: keys.new.key.fingerprint(),
-        old_key_fingerprints: keys.old_fingerprints(),
-        new_key_version: keys.new.origin.vault_version().map(|v| v as i64),
-        old_key_versions: keys
-            .old
-            .iter()
-            .filter_map(|k| k.origin.vault_version())
-            .map(|v| v as i64)
-            .collect(),
-        shard_count: args.shard_count as i32,
-        writers: args.writers as i32,
-    };
+    let identity = job_identity(args, &targets, &keys);
+    let job = identity.job.clone();
     let origins = serde_json::json!({
         "new": { "fingerprint": keys.new.key.fingerprint(), "origin": keys.new.origin },
         "old": keys.old.iter().map(|k| serde_json::json!({ "fingerprint": k.key.fingerprint(), "origin": k.origin })).collect::<Vec<_>>(),
@@ -968,18 +1071,7 @@ async fn rotate_all(
         let physical = ranges
             .first()
             .is_some_and(|r| r.key_columns == POSITION_COLUMNS);
-        let requested = match args.scan_order {
-            ScanOrder::Auto => None,
-            ScanOrder::Key => Some(false),
-            ScanOrder::Physical => Some(true),
-        };
-        if requested.is_some_and(|requested| requested != physical) {
-            let started = if physical { "physical" } else { "key" };
-            return Err(Failure::Config(format!(
-                "job {} was started with --scan-order {started}; use the settings the job started with, or --restart",
-                settings.job
-            )));
-        }
+        check_job_order(&settings.job, args.scan_order, physical)?;
         tracing::info!(target = %label, order = if physical { "physical" } else { "key" }, new_job = created, "Scan order.");
         if physical && args.max_sweeps == 0 {
             return Err(Failure::Config(format!(

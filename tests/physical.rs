@@ -364,7 +364,7 @@ async fn physical_resume_sweeps_with_writers() {
 }
 
 #[tokio::test]
-async fn plan_shows_the_order_of_a_new_job() {
+async fn dry_run_shows_the_order_and_refuses_as_the_run_does() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -407,7 +407,7 @@ async fn plan_shows_the_order_of_a_new_job() {
     assert_eq!(output.status.code(), Some(0), "{text}");
     let header = text
         .lines()
-        .find(|line| line.contains("new job's order"))
+        .find(|line| line.contains("pass order"))
         .unwrap_or_else(|| panic!("no order column in {text}"));
     let row = text
         .lines()
@@ -433,12 +433,62 @@ async fn plan_shows_the_order_of_a_new_job() {
         &["--scan-order", "physical", "--max-sweeps", "0"],
         "--max-sweeps of 1 or more",
     );
+    refused("t.secret", &["--writers", "0"], "--writers must be between");
+    refused(
+        "t.secret",
+        &["--shard-count", "2", "--shard-index", "2"],
+        "--shard-index must be below --shard-count",
+    );
+    refused("t.secret", &["--job", " "], "--job must not be empty");
+    refused("t.secret", &["--lease-ttl-secs", "1"], "--lease-ttl-secs");
+    refused(
+        "t.secret",
+        &["--pushgateway-url", "gateway:9091"],
+        "invalid --pushgateway-url",
+    );
     let schema: Option<String> =
         sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname = 'reencrypt'")
             .fetch_optional(&db.pool)
             .await
             .unwrap();
     assert_eq!(schema, None, "a dry run created the checkpoint schema");
+
+    // Once a job exists, a dry run shows the order its pass started with,
+    // and refuses the options the run would refuse to resume it with.
+    let (code, _, text) =
+        run_json(run_command(&db, &["t.secret"], &[&old.path], &new.path).args(PHYSICAL));
+    assert_eq!(code, 0, "{text}");
+    let (code, plan, text) = dry_run("t.secret", &[]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(plan["targets"][0]["scan_order"], "physical", "{text}");
+    assert_eq!(plan["command"], "run --dry-run", "{text}");
+    assert!(
+        plan["resumes_job"]
+            .as_str()
+            .is_some_and(|job| job.starts_with("rotate-")),
+        "{text}"
+    );
+    refused(
+        "t.secret",
+        &["--scan-order", "key"],
+        "was started with --scan-order physical",
+    );
+    refused(
+        "t.secret",
+        &["--writers", "2"],
+        "different number of writers",
+    );
+    let other = KeyFile::generate();
+    let (code, _, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path, &other.path], &new.path).arg("--dry-run"),
+    );
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("different set of old keys"), "{text}");
+    // A new job, under another name, takes the order `auto` chooses.
+    let (code, plan, text) = dry_run("t.secret", &["--job", "another"]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(plan["targets"][0]["scan_order"], "key", "{text}");
+    assert_eq!(plan["resumes_job"], serde_json::Value::Null, "{text}");
 }
 
 #[tokio::test]
