@@ -302,9 +302,11 @@ impl Target {
         };
 
         // Table: to_regclass applies the search path when no schema is given.
+        // `relhassubclass` stays set after the last child is dropped, until
+        // the next VACUUM or ANALYZE, so children are looked up instead.
         let table_row: Option<(i64, String, String, String, f32, bool)> = sqlx::query_as(
             "SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text, c.reltuples, \
-                    c.relhassubclass \
+                    EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid) \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE c.oid = to_regclass($1)",
         )

@@ -529,3 +529,21 @@ async fn rows_written_before_the_pass_count_while_an_older_transaction_runs() {
     );
     assert_reads(&db, &new.key, rows, plaintext).await;
 }
+
+#[tokio::test]
+async fn a_dropped_child_table_does_not_block_physical_order() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, 50, &old.key).await;
+    // PostgreSQL keeps the parent's `relhassubclass` set after the last
+    // child is gone, until the next VACUUM or ANALYZE.
+    db.exec("CREATE TABLE t_child () INHERITS (t); DROP TABLE t_child")
+        .await;
+
+    let (code, summary, text) =
+        run_json(run_command(&db, &["t.secret"], &[&old.path], &new.path).args(PHYSICAL));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(first_target_count(&summary, "reencrypted"), 50, "{text}");
+    assert_reads(&db, &new.key, 50, plaintext).await;
+}
