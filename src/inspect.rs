@@ -219,7 +219,10 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
     let mut orders = Vec::with_capacity(prepared.targets.len());
     for (index, target) in prepared.targets.iter().enumerate() {
         if let Some(order) = resumed.as_ref().and_then(|job| job.orders[index]) {
-            orders.push(order);
+            orders.push(crate::run::OrderChoice {
+                order,
+                reason: "the job's pass started in this order".into(),
+            });
             continue;
         }
         let state = TableState::read(&prepared.settings.db, &target.quoted_table())
@@ -284,7 +287,8 @@ fn plan_json(keys: &KeyEvidence, planned: &[PlanTarget]) -> serde_json::Value {
                 "index": p.scan.index,
                 "estimated": p.scan.is_estimate(),
                 "method": p.scan.method,
-                "scan_order": report::order_name(p.order),
+                "scan_order": report::order_name(p.order.order),
+                "scan_order_reason": p.order.reason,
                 "counts": report::outcome_counts_json(&p.scan.counts),
                 "keys": p.scan.keys,
                 "scan_seconds": p.scan.seconds,

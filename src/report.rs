@@ -345,9 +345,9 @@ pub struct PlanTarget {
     pub scan: crate::scan::TargetScan,
     /// Read-and-classify time for all the target's rows at the measured rate.
     pub estimated_seconds: f64,
-    /// The order of the target's pass: that of the job the run would
-    /// resume, or the one a new job would take.
-    pub order: crate::cli::ScanOrder,
+    /// The order of the target's pass, and why: that of the job the run
+    /// would resume, or the one a new job would take.
+    pub order: crate::run::OrderChoice,
 }
 
 /// Returns the name of a pass's order, as `--scan-order` spells it.
@@ -395,7 +395,7 @@ pub fn render_plan(keys: &KeyEvidence, targets: &[PlanTarget]) -> String {
                 t.scan.target.clone(),
                 t.scan.key_columns.join(", "),
                 t.scan.index.clone(),
-                order_name(t.order).to_string(),
+                order_name(t.order.order).to_string(),
                 format!("{:.0}", t.scan.rows_per_second),
                 format_seconds(t.estimated_seconds),
             ]
@@ -412,6 +412,14 @@ pub fn render_plan(keys: &KeyEvidence, targets: &[PlanTarget]) -> String {
         ],
         &paging,
     ));
+    for target in targets {
+        out.push_str(&format!(
+            "{} order for {}: {}\n",
+            order_name(target.order.order),
+            target.scan.target,
+            target.order.reason
+        ));
+    }
 
     out.push('\n');
     for target in targets {

@@ -422,6 +422,22 @@ impl OrderOptions {
     }
 }
 
+/// The order of a new job's pass over a target, and why it was chosen.
+#[derive(Debug, Clone)]
+pub struct OrderChoice {
+    pub order: ScanOrder,
+    pub reason: String,
+}
+
+impl OrderChoice {
+    fn new(order: ScanOrder, reason: impl Into<String>) -> OrderChoice {
+        OrderChoice {
+            order,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// Chooses the order of a new job's pass over `target`, `key` or `physical`.
 /// With `physical`, rejects a target that cannot be read by row position: a
 /// table with partitions or child tables, or a server before PostgreSQL 14,
@@ -434,35 +450,42 @@ pub async fn choose_order(
     target: &Target,
     state: &TableState,
     options: OrderOptions,
-) -> Result<ScanOrder, Failure> {
+) -> Result<OrderChoice, Failure> {
     let explicit = match options.requested {
-        ScanOrder::Key => return Ok(ScanOrder::Key),
+        ScanOrder::Key => return Ok(OrderChoice::new(ScanOrder::Key, "--scan-order key")),
         ScanOrder::Physical => true,
         ScanOrder::Auto => false,
     };
-    let reject = |reason: String| {
+    let key_order = |why: String| Ok(OrderChoice::new(ScanOrder::Key, why));
+    let reject = |why: String, rejection: String| {
         if explicit {
             Err(Failure::Config(format!(
-                "--scan-order physical {reason}; use --scan-order key"
+                "--scan-order physical {rejection}; use --scan-order key"
             )))
         } else {
-            Ok(ScanOrder::Key)
+            key_order(why)
         }
     };
 
     if !target.single_table {
-        return reject(format!(
-            "reads one table by row position, but {} is partitioned or has child tables",
-            target.label()
-        ));
+        return reject(
+            "the table is partitioned or has child tables".into(),
+            format!(
+                "reads one table by row position, but {} is partitioned or has child tables",
+                target.label()
+            ),
+        );
     }
-    if options.shard_count > 1 || options.max_sweeps == 0 {
-        // `run` rejects these settings with `physical` before any work.
-        return Ok(ScanOrder::Key);
+    // `run` rejects these settings with `physical` before any work.
+    if options.shard_count > 1 {
+        return key_order("the job runs as several shards".into());
     }
-    if !explicit && state.unsuitable().is_some() {
+    if options.max_sweeps == 0 {
+        return key_order("sweeps are off (--max-sweeps 0)".into());
+    }
+    if let (false, Some(unsuitable)) = (explicit, state.unsuitable()) {
         // The sweep would read every row in key order after the pass.
-        return Ok(ScanOrder::Key);
+        return key_order(format!("the sweep reads every row: {unsuitable}"));
     }
 
     let context = "cannot read the table's size";
@@ -484,15 +507,29 @@ pub async fn choose_order(
         .map_err(|e| Failure::from_database(context, &e))?;
 
     if version < 140_000 {
-        return reject(format!(
-            "needs PostgreSQL 14 or later for range scans by row position, and the server is version {version}"
-        ));
+        return reject(
+            format!("the server is version {version}, before PostgreSQL 14"),
+            format!(
+                "needs PostgreSQL 14 or later for range scans by row position, and the server is version {version}"
+            ),
+        );
     }
     tracing::debug!(target = %target.label(), table_bytes = size, shared_buffers_bytes = cache, "Table size read for the scan order.");
-    if explicit || size > AUTO_PHYSICAL_FACTOR.saturating_mul(cache) {
-        Ok(ScanOrder::Physical)
+    if explicit {
+        return Ok(OrderChoice::new(
+            ScanOrder::Physical,
+            "--scan-order physical",
+        ));
+    }
+    let sizes = format!(
+        "the table takes {} MiB, against {} MiB for {AUTO_PHYSICAL_FACTOR} times shared_buffers",
+        size >> 20,
+        AUTO_PHYSICAL_FACTOR.saturating_mul(cache) >> 20
+    );
+    if size > AUTO_PHYSICAL_FACTOR.saturating_mul(cache) {
+        Ok(OrderChoice::new(ScanOrder::Physical, sizes))
     } else {
-        Ok(ScanOrder::Key)
+        key_order(sizes)
     }
 }
 
@@ -1055,7 +1092,8 @@ async fn rotate_all(
         let before = TableState::read(&settings.db, &target.quoted_table())
             .await
             .map_err(|e| Failure::from_database("cannot start the keyset pass", &e))?;
-        let order = choose_order(&settings.db, target, &before, OrderOptions::of_run(args)).await?;
+        let choice =
+            choose_order(&settings.db, target, &before, OrderOptions::of_run(args)).await?;
         let (ranges, created) = ensure_ranges(
             &settings.db,
             &settings.schema,
@@ -1063,7 +1101,7 @@ async fn rotate_all(
             target,
             &statements,
             range_count,
-            order,
+            choice.order,
         )
         .await
         .map_err(|e| Failure::from_database("cannot prepare the target's key ranges", &e))?;
@@ -1072,7 +1110,11 @@ async fn rotate_all(
             .first()
             .is_some_and(|r| r.key_columns == POSITION_COLUMNS);
         check_job_order(&settings.job, args.scan_order, physical)?;
-        tracing::info!(target = %label, order = if physical { "physical" } else { "key" }, new_job = created, "Scan order.");
+        let reason = match created {
+            true => choice.reason.as_str(),
+            false => "the job's pass started in this order",
+        };
+        tracing::info!(target = %label, order = if physical { "physical" } else { "key" }, new_job = created, reason, "Scan order.");
         if physical && args.max_sweeps == 0 {
             return Err(Failure::Config(format!(
                 "job {} reads {label} in physical order, which needs the sweep; use --max-sweeps of 1 or more",

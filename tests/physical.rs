@@ -391,6 +391,11 @@ async fn dry_run_shows_the_order_and_refuses_as_the_run_does() {
     };
     // The table fits the server's cache, so `auto` takes key order.
     assert_eq!(order_of(&[]), "key");
+    let (_, plan, text) = dry_run("t.secret", &[]);
+    let reason = plan["targets"][0]["scan_order_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("times shared_buffers"), "{text}");
     assert_eq!(order_of(&["--scan-order", "key"]), "key");
     assert_eq!(order_of(&PHYSICAL), "physical");
 
@@ -461,6 +466,10 @@ async fn dry_run_shows_the_order_and_refuses_as_the_run_does() {
     let (code, plan, text) = dry_run("t.secret", &[]);
     assert_eq!(code, 0, "{text}");
     assert_eq!(plan["targets"][0]["scan_order"], "physical", "{text}");
+    assert_eq!(
+        plan["targets"][0]["scan_order_reason"], "the job's pass started in this order",
+        "{text}"
+    );
     assert_eq!(plan["command"], "run --dry-run", "{text}");
     assert!(
         plan["resumes_job"]
