@@ -1,9 +1,11 @@
--- The frontier of a pass in physical order: the first transaction ID (an
--- epoch-qualified one) not yet assigned when the pass started. Every row the
--- pass rewrites gets a version from that ID on. The pass does not count the
--- rows it meets that are already under the new key and that new: it rewrote
--- them itself before they moved ahead of it. A row written before the pass
--- started has an older version, and counts, even while another transaction
--- that started before it was still running. NULL for a pass that an earlier
--- version started, which goes on with `pass_horizon` in its place.
+-- Where a pass in physical order started, to tell the rows it rewrote
+-- itself from older ones when it meets them again: the first transaction ID
+-- not yet assigned then (`pass_frontier`, epoch-qualified), and the IDs of
+-- the transactions running then (`pass_running`). Every row the pass
+-- rewrites has a version from the frontier on. A row version from a
+-- transaction below the frontier and not among those running was written
+-- before the pass started, and counts when the pass reads it. NULL until a
+-- pass starts, and for a pass that an earlier version started, which goes
+-- on with `pass_horizon` alone.
 ALTER TABLE ranges ADD COLUMN pass_frontier bigint;
+ALTER TABLE ranges ADD COLUMN pass_running bigint[];

@@ -449,28 +449,57 @@ pub async fn load_ranges(
         .collect()
 }
 
-/// Records `frontier` as the frontier of the pass in physical order of each
-/// of a target's ranges that has none yet, in one statement (see
-/// `PhysicalScan`). A range whose pass an earlier version started keeps
-/// its recorded horizon in place of a frontier. Returns each range's index,
-/// recorded frontier and upper bound.
-pub async fn pin_pass_frontier(
+/// Records where the pass in physical order of each of a target's ranges
+/// started, for the ranges that have no record yet, in one statement (see
+/// `PhysicalScan`): `frontier`, and the transactions `running` then. A
+/// range whose pass an earlier version started keeps its recorded horizon
+/// in place of a frontier, with no running transactions. Returns each
+/// range's index, recorded frontier, running transactions and upper bound.
+pub async fn pin_pass_start(
     conn: &mut PgConnection,
     schema: &str,
     job: &str,
     target: &str,
     frontier: i64,
-) -> Result<Vec<(i32, i64, Option<Vec<String>>)>, sqlx::Error> {
+    running: &[i64],
+) -> Result<Vec<PinnedPass>, sqlx::Error> {
     let q = quote_ident(schema);
+    // The right-hand sides read the row as it was before the update.
     sqlx::query_as(&format!(
-        "UPDATE {q}.ranges SET pass_frontier = CASE WHEN pass_horizon IS NULL THEN COALESCE(pass_frontier, $3) END \
+        "UPDATE {q}.ranges SET \
+           pass_frontier = CASE WHEN pass_horizon IS NULL THEN COALESCE(pass_frontier, $3) END, \
+           pass_running = CASE WHEN pass_horizon IS NULL AND pass_frontier IS NULL THEN $4 ELSE pass_running END \
          WHERE job = $1 AND target = $2 \
-         RETURNING range_index, COALESCE(pass_frontier, pass_horizon), upper_key"
+         RETURNING range_index, COALESCE(pass_frontier, pass_horizon), COALESCE(pass_running, '{{}}'), upper_key"
     ))
     .bind(job)
     .bind(target)
     .bind(frontier)
+    .bind(running)
     .fetch_all(conn)
+    .await
+}
+
+/// A range's pass in physical order as pinned: index, frontier (or an
+/// earlier version's horizon), transactions running at its start, upper bound.
+pub type PinnedPass = (i32, i64, Vec<i64>, Option<Vec<String>>);
+
+/// Tells whether the pass of a target's ranges in a job has started, that
+/// is whether where it started was recorded.
+pub async fn pass_started(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+    target: &str,
+) -> Result<bool, sqlx::Error> {
+    let q = quote_ident(schema);
+    sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {q}.ranges WHERE job = $1 AND target = $2 \
+           AND (pass_frontier IS NOT NULL OR pass_horizon IS NOT NULL))"
+    ))
+    .bind(job)
+    .bind(target)
+    .fetch_one(conn)
     .await
 }
 

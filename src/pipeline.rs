@@ -131,14 +131,18 @@ pub struct RangeWork {
 /// The pass reads every row it meets. Among the rows written since the
 /// pass started it meets again the ones it rewrote itself: those already
 /// under the new key are left out of the batch, so that no row counts twice.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PhysicalScan {
     /// The first transaction ID not yet assigned when the pass started (the
     /// `xmax` of a snapshot), as a 32-bit ID. Every row the pass rewrites
-    /// has a version from that ID on. A row written before the pass started
-    /// has an older one, even while a transaction that started before it
-    /// still runs, so it counts when the pass reads it.
+    /// has a version from that ID on.
     pub frontier: u32,
+    /// The transactions running when the pass started (the snapshot's
+    /// `xip`), as 32-bit IDs in text. A row version below the frontier and
+    /// not from one of these was written before the pass started, so it
+    /// counts when the pass reads it. A version from one of these, written
+    /// during the pass, may be met again after it moved, as the pass's own.
+    pub running: Arc<Vec<String>>,
 }
 
 /// Blocks in the first window of a pass in physical order; later windows
@@ -694,7 +698,7 @@ pub async fn run_range(
                     return false;
                 };
                 let limit = batch_rows.load(Ordering::Relaxed);
-                let batch = if let Some(scan) = work.physical {
+                let batch = if let Some(scan) = &work.physical {
                     match next_in_physical_order(
                         &settings,
                         &statements,
@@ -1157,7 +1161,7 @@ async fn next_in_physical_order(
     settings: &PipelineSettings,
     statements: &Statements,
     work: &RangeWork,
-    scan: PhysicalScan,
+    scan: &PhysicalScan,
     after: &mut Option<Vec<String>>,
     window: &mut u64,
     limit: usize,
@@ -1229,7 +1233,7 @@ async fn fetch_physical(
     statements: &Statements,
     lower: &str,
     upper: &str,
-    scan: PhysicalScan,
+    scan: &PhysicalScan,
     limit: usize,
 ) -> Result<Batch, sqlx::Error> {
     let started = Instant::now();
@@ -1238,7 +1242,8 @@ async fn fetch_physical(
         .bind(lower)
         .bind(upper)
         .bind(scan.frontier.to_string())
-        .bind(limit as i64);
+        .bind(limit as i64)
+        .bind(scan.running.as_slice());
     let mut batch = read_batch(
         &mut tx,
         query,

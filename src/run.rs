@@ -951,10 +951,22 @@ struct Prepared {
     table: String,
     /// The table before the ranges were made or loaded.
     before: TableState,
-    /// The ranges' bounds were read after `before`, in this run.
+    /// The pass starts in this run: its ranges were made in this run, or by
+    /// an earlier run that stopped before this target's pass began. Its
+    /// bounds are then read after `before`.
     bounds_after_horizon: bool,
     /// The pass reads the target in physical order.
     physical: bool,
+}
+
+/// Tells whether the pass in physical order over a target of the job has
+/// started, in this run or an earlier one.
+async fn pass_started(settings: &PipelineSettings, label: &str) -> Result<bool, Failure> {
+    let fail = |e: sqlx::Error| Failure::from_database("cannot read the target's key ranges", &e);
+    let mut conn = settings.db.pool.acquire().await.map_err(fail)?;
+    checkpoint::pass_started(&mut conn, &settings.schema, &settings.job, label)
+        .await
+        .map_err(fail)
 }
 
 /// Prepares a target's pass in physical order. With `extend`, for ranges
@@ -995,21 +1007,28 @@ async fn prepare_physical(
             .map_err(fail)?;
         }
     }
-    let pinned = checkpoint::pin_pass_frontier(
+    let pinned = checkpoint::pin_pass_start(
         &mut tx,
         &settings.schema,
         &settings.job,
         label,
         before.frontier,
+        &before.running,
     )
     .await
     .map_err(fail)?;
     tx.commit().await.map_err(fail)?;
     Ok(pinned
         .into_iter()
-        .map(|(index, frontier, upper)| {
+        .map(|(index, frontier, running, upper)| {
             let scan = PhysicalScan {
                 frontier: pipeline::xid32(frontier),
+                running: Arc::new(
+                    running
+                        .into_iter()
+                        .map(|xid| pipeline::xid32(xid).to_string())
+                        .collect(),
+                ),
             };
             (index, scan, upper)
         })
@@ -1127,6 +1146,10 @@ async fn rotate_all(
                 settings.job, ranges.len(), args.shard_count, writers
             )));
         }
+        // Ranges made by an earlier run whose pass never started (it stopped
+        // during an earlier target's) start as new ones: their bounds and
+        // the pass's start are taken when the pass begins.
+        let fresh_start = created || (physical && !pass_started(settings, &label).await?);
         let mine: Vec<RangeRecord> = ranges[first..first + writers].to_vec();
         let estimated: i64 = mine.iter().map(|r| r.rows_estimated).sum();
         let resumed: i64 = mine.iter().map(|r| r.counts.rows_scanned).sum();
@@ -1141,7 +1164,7 @@ async fn rotate_all(
             total_ranges: ranges.len(),
             table: target.quoted_table(),
             before,
-            bounds_after_horizon: created,
+            bounds_after_horizon: fresh_start,
             physical,
         });
     }
@@ -1186,7 +1209,7 @@ async fn rotate_all(
                 async move {
                     // In physical order the last range's bound may have been extended just now.
                     let pinned = scans.iter().flatten().find(|(index, _, _)| *index == range.range_index);
-                    let physical = pinned.map(|(_, scan, _)| *scan);
+                    let physical = pinned.map(|(_, scan, _)| scan.clone());
                     let upper = match pinned {
                         Some((_, _, upper)) => upper.clone(),
                         None => range.upper_key.clone(),

@@ -15,7 +15,8 @@ pub struct Statements {
     /// rows after a position (`ctid`, exclusive) and before another, in
     /// position order, up to a limit. After the position comes whether the
     /// row's version is as new as a transaction ID (the pass's frontier) or
-    /// newer.
+    /// newer, or from one of a list of transactions (those running when the
+    /// pass started).
     pub physical_fetch: String,
     /// Every row whose key equals the given one, with the columns of a fetch.
     /// Keys repeat across an inheritance tree, whose primary key covers only
@@ -125,8 +126,8 @@ impl Statements {
         // `xmin`, which after 2^31 more transactions looks newer than the
         // frontier, so the flag may only ever save work, never skip a row.
         let physical_fetch = format!(
-            "SELECT {columns}, age(t.xmin) <= age($3::text::xid) AS newer FROM {table} AS t \
-             WHERE t.ctid > $1::tid AND t.ctid < $2::tid ORDER BY t.ctid LIMIT $4"
+            "SELECT {columns}, (age(t.xmin) <= age($3::text::xid) OR t.xmin = ANY($5::text[]::xid[])) AS newer \
+             FROM {table} AS t WHERE t.ctid > $1::tid AND t.ctid < $2::tid ORDER BY t.ctid LIMIT $4"
         );
 
         // Arrays: one text[] per key column, then old values, then new values,

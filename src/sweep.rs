@@ -32,6 +32,8 @@ pub struct TableState {
     pub horizon: i64,
     /// The next transaction to start (snapshot `xmax`), 64-bit.
     pub frontier: i64,
+    /// The transactions running then (snapshot `xip`), 64-bit.
+    pub running: Vec<i64>,
     /// `pg_postmaster_start_time()`: a restart or a failover can undo
     /// commits the pass saw acknowledged, and reuse their IDs.
     server_started: String,
@@ -49,13 +51,23 @@ impl TableState {
     /// Reads the state of the target's table now.
     pub async fn read(db: &Database, quoted_table: &str) -> Result<TableState, sqlx::Error> {
         let mut tx = db.begin_read_only().await?;
-        let row: (i64, i64, String, i32, String, String, bool, bool) = sqlx::query_as(STATE_QUERY)
-            .bind(quoted_table)
-            .fetch_one(&mut *tx)
-            .await?;
+        let row: (i64, i64, Vec<i64>, String, i32, String, String, bool, bool) =
+            sqlx::query_as(STATE_QUERY)
+                .bind(quoted_table)
+                .fetch_one(&mut *tx)
+                .await?;
         tx.commit().await?;
-        let (horizon, frontier, server_started, server_version, relations, files, storage, effects) =
-            row;
+        let (
+            horizon,
+            frontier,
+            running,
+            server_started,
+            server_version,
+            relations,
+            files,
+            storage,
+            effects,
+        ) = row;
         let unsuitable = if storage {
             Some("a table below the target is foreign or not stored in heap format".into())
         } else if effects {
@@ -66,6 +78,7 @@ impl TableState {
         Ok(TableState {
             horizon,
             frontier,
+            running,
             server_started,
             server_version,
             relations,
@@ -124,8 +137,8 @@ impl TableState {
     }
 }
 
-/// The state query. It reads the horizon and frontier of a fresh snapshot,
-/// the server's start time and version, and the tables of the target. Each
+/// The state query. It reads the horizon, frontier and running transactions
+/// of a fresh snapshot, the server's start time and version, and the tables of the target. Each
 /// table comes with the `xmin` of its inheritance link, which changes when it
 /// is detached and attached again, and with its file. It also reports whether any table is stored
 /// outside heap tables, and whether any has a trigger or rule that could
@@ -141,6 +154,7 @@ WITH RECURSIVE tree AS ( \
 ) \
 SELECT txid_snapshot_xmin(txid_current_snapshot()), \
        txid_snapshot_xmax(txid_current_snapshot()), \
+       ARRAY(SELECT txid_snapshot_xip(txid_current_snapshot())), \
        pg_postmaster_start_time()::text, \
        current_setting('server_version_num')::int, \
        (SELECT string_agg(oid::text || '/' || link, ',' ORDER BY oid, link) FROM tree), \

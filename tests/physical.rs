@@ -364,7 +364,7 @@ async fn physical_resume_sweeps_with_writers() {
 }
 
 #[tokio::test]
-async fn dry_run_shows_the_order_and_refuses_as_the_run_does() {
+async fn dry_run_order_and_refusals() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -501,7 +501,7 @@ async fn dry_run_shows_the_order_and_refuses_as_the_run_does() {
 }
 
 #[tokio::test]
-async fn rows_written_before_the_pass_count_while_an_older_transaction_runs() {
+async fn physical_pass_counts_rows_older_than_its_start() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -540,7 +540,7 @@ async fn rows_written_before_the_pass_count_while_an_older_transaction_runs() {
 }
 
 #[tokio::test]
-async fn a_dropped_child_table_does_not_block_physical_order() {
+async fn physical_order_ignores_dropped_child() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -555,4 +555,153 @@ async fn a_dropped_child_table_does_not_block_physical_order() {
     assert_eq!(code, 0, "{text}");
     assert_eq!(first_target_count(&summary, "reencrypted"), 50, "{text}");
     assert_reads(&db, &new.key, 50, plaintext).await;
+}
+
+/// Waits until the job's ranges of `target` have counted at least `rows`.
+async fn wait_for_scanned(db: &TestDb, target: &str, rows: i64) {
+    let started = Instant::now();
+    loop {
+        let scanned: Option<i64> = sqlx::query_scalar(
+            "SELECT sum(rows_scanned)::int8 FROM reencrypt.ranges WHERE target = $1",
+        )
+        .bind(target)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or(None);
+        if scanned.unwrap_or(0) >= rows {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the pass over {target} did not reach {rows} rows"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn physical_pass_counts_row_moved_by_older_transaction_once() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, 6000, &old.key).await;
+    // Rows 1 to 100 under the new key fill the first blocks, which the pass
+    // then reads without writing to them. Free space lies in blocks in the
+    // middle of the table, ahead of the pass.
+    let current = 100;
+    for id in 1..=current {
+        put(&db, id, &new.key, &plaintext(id)).await;
+    }
+    db.exec("CLUSTER t USING t_pkey").await;
+    db.exec("DELETE FROM t WHERE id BETWEEN 3001 AND 4500")
+        .await;
+    db.exec("VACUUM t").await;
+    let rows = 4500;
+
+    // An application transaction that began before the pass.
+    let mut application = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN; SELECT txid_current()")
+        .execute(&mut application)
+        .await
+        .unwrap();
+    let child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .args(PHYSICAL)
+        .args(["--batch-size", "100", "--max-rows-per-second", "2000"])
+        .args(["--progress", "off", "--format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the pass has read row 1, the application rewrites it as it is.
+    // The first block has no room, so its new version goes ahead of the pass.
+    wait_for_scanned(&db, "public.t.secret", 300).await;
+    let block_of_row_1 = || async {
+        sqlx::query_scalar::<_, i64>("SELECT ((ctid::text::point)[0])::int8 FROM t WHERE id = 1")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(block_of_row_1().await, 0);
+    sqlx::raw_sql("UPDATE t SET secret = secret WHERE id = 1; COMMIT")
+        .execute(&mut application)
+        .await
+        .unwrap();
+    let moved_to = block_of_row_1().await;
+    assert!(moved_to > 0, "row 1 stayed in the first block");
+
+    let output = child.wait_with_output().unwrap();
+    let text = common::output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(first_target_count(&summary, "rows_scanned"), rows, "{text}");
+    assert_eq!(first_target_count(&summary, "current"), current, "{text}");
+    assert_eq!(
+        first_target_count(&summary, "reencrypted"),
+        rows - current,
+        "{text}"
+    );
+    assert_reads(&db, &new.key, rows, plaintext).await;
+}
+
+#[tokio::test]
+async fn physical_pass_never_started_counts_every_row() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows: i64 = 3000;
+    // Two encrypted columns of one table. Room on every page keeps the
+    // rewrites of the first column's pass on their pages.
+    db.exec("CREATE TABLE u (id bigint PRIMARY KEY, a text, b text) WITH (fillfactor = 40)")
+        .await;
+    let ids: Vec<i64> = (1..=rows).collect();
+    let a: Vec<String> = ids
+        .iter()
+        .map(|id| reencrypt::classify::encrypt_string(&old.key, &plaintext(*id)))
+        .collect();
+    // Every other value of `b` is under the new key already.
+    let b: Vec<String> = ids
+        .iter()
+        .map(|id| {
+            let key = if id % 2 == 0 { &new.key } else { &old.key };
+            reencrypt::classify::encrypt_string(key, &plaintext(*id))
+        })
+        .collect();
+    sqlx::query("INSERT INTO u SELECT * FROM unnest($1::int8[], $2::text[], $3::text[])")
+        .bind(&ids)
+        .bind(&a)
+        .bind(&b)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    db.exec("VACUUM ANALYZE u").await;
+
+    // The first run stops during the pass over `a`, before the pass over `b`.
+    let targets = ["u.a", "u.b"];
+    let mut child = run_command(&db, &targets, &[&old.path], &new.path)
+        .args(PHYSICAL)
+        .args(["--batch-size", "100", "--max-rows-per-second", "1500"])
+        .args(["--progress", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_scanned(&db, "public.u.a", 300).await;
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(4));
+
+    let (code, summary, text) =
+        run_json(run_command(&db, &targets, &[&old.path], &new.path).args(PHYSICAL));
+    assert_eq!(code, 0, "{text}");
+    let count = |target: usize, name: &str| summary["targets"][target]["counts"][name].as_i64();
+    assert_eq!(count(0, "rows_scanned"), Some(rows), "{text}");
+    assert_eq!(count(0, "reencrypted"), Some(rows), "{text}");
+    assert_eq!(count(1, "rows_scanned"), Some(rows), "{text}");
+    assert_eq!(count(1, "current"), Some(rows / 2), "{text}");
+    assert_eq!(count(1, "reencrypted"), Some(rows / 2), "{text}");
 }
