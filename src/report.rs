@@ -447,6 +447,18 @@ pub fn render_plan(keys: &KeyEvidence, targets: &[PlanTarget]) -> String {
             }
         }
     }
+    for target in targets {
+        for (outcome, keys) in &target.scan.keys {
+            if !keys.is_empty() {
+                out.push_str(&format!(
+                    "{}: {outcome} keys (the first {}, see --report-limit): {}\n",
+                    target.scan.target,
+                    keys.len(),
+                    keys.join(", ")
+                ));
+            }
+        }
+    }
     if targets.iter().all(|t| !t.scan.is_estimate()) {
         out.push_str("counts are exact: every row was read in key order\n");
     }

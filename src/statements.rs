@@ -124,7 +124,8 @@ impl Statements {
         let key_group = format!("{select} WHERE ({key_list}) = ({})", params(1));
         // `age()` compares IDs modulo 2^32. A frozen row keeps its original
         // `xmin`, which after 2^31 more transactions looks newer than the
-        // frontier, so the flag may only ever save work, never skip a row.
+        // frontier. The flag only leaves out rows under the new key, so it
+        // never skips a row to rewrite; such a row may go uncounted.
         let physical_fetch = format!(
             "SELECT {columns}, (age(t.xmin) <= age($3::text::xid) OR t.xmin = ANY($5::text[]::xid[])) AS newer \
              FROM {table} AS t WHERE t.ctid > $1::tid AND t.ctid < $2::tid ORDER BY t.ctid LIMIT $4"

@@ -585,7 +585,7 @@ async fn postgres_restart_mid_run_recovers() {
 }
 
 #[tokio::test]
-async fn a_lock_wait_logs_no_sql() {
+async fn lock_wait_logs_no_sql() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -621,6 +621,9 @@ async fn a_lock_wait_logs_no_sql() {
     assert!(!stderr.contains("UPDATE"), "SQL in the log: {text}");
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(counts(&summary, 0)["reencrypted"], rows, "{text}");
+    // The run waited for the lock: without the wait it takes well under a second.
+    let seconds = summary["duration_seconds"].as_f64().unwrap_or_default();
+    assert!(seconds > 1.5, "the run took {seconds} s: no lock wait");
 }
 
 #[tokio::test]

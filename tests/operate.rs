@@ -359,6 +359,17 @@ async fn plan_lists_keys_up_to_the_report_limit() {
     assert_eq!(code, 0, "{text}");
     assert_eq!(listed(&plan), 3, "{text}");
 
+    // The table lists them too.
+    let (code, text) = plain_output(
+        scan_command("plan", &db, &[TARGET], &old.path, &new.path).args(["--report-limit", "2"]),
+    );
+    assert_eq!(code, 0, "{text}");
+    let line = text
+        .lines()
+        .find(|line| line.contains("undecryptable keys"))
+        .unwrap_or_else(|| panic!("no keys listed: {text}"));
+    assert!(line.ends_with("1, 2"), "{line}");
+
     let (code, text) = plain_output(
         scan_command("plan", &db, &[TARGET], &old.path, &new.path).arg("--report-limit=-1"),
     );
