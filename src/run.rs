@@ -605,18 +605,14 @@ fn job_identity(args: &RunArgs, targets: &[Target], keys: &KeySet) -> JobIdentit
         Some(job) => job.clone(),
         None => default_job_name(targets, keys),
     };
+    let evidence = crate::report::KeyEvidence::from_keys(keys);
     JobIdentity {
         job,
         targets: targets.iter().map(Target::label).collect(),
-        new_key_fingerprint: keys.new.key.fingerprint(),
-        old_key_fingerprints: keys.old_fingerprints(),
-        new_key_version: keys.new.origin.vault_version().map(|v| v as i64),
-        old_key_versions: keys
-            .old
-            .iter()
-            .filter_map(|k| k.origin.vault_version())
-            .map(|v| v as i64)
-            .collect(),
+        new_key_fingerprint: evidence.new_key_fingerprint,
+        old_key_fingerprints: evidence.old_key_fingerprints,
+        new_key_version: evidence.new_key_version,
+        old_key_versions: evidence.old_key_versions,
         shard_count: args.shard_count as i32,
         writers: args.writers as i32,
     }

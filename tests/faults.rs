@@ -584,6 +584,20 @@ async fn postgres_restart_mid_run_recovers() {
     pool.close().await;
 }
 
+/// Opens a session that begins a transaction with `statement` (which takes
+/// row locks) and keeps it open until the caller commits.
+async fn lock_rows(db: &TestDb, statement: &str) -> sqlx::PgConnection {
+    let mut locker =
+        sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(&db.url).unwrap())
+            .await
+            .unwrap();
+    sqlx::raw_sql(&format!("BEGIN; {statement}"))
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    locker
+}
+
 #[tokio::test]
 async fn lock_wait_logs_no_sql() {
     let db = TestDb::new().await;
@@ -594,14 +608,7 @@ async fn lock_wait_logs_no_sql() {
 
     // Another session holds a row lock for longer than a second, shorter
     // than the lock timeout: the batch with that row waits, then commits.
-    let mut locker =
-        sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(&db.url).unwrap())
-            .await
-            .unwrap();
-    sqlx::raw_sql("BEGIN; SELECT id FROM t WHERE id = 250 FOR UPDATE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = lock_rows(&db, "SELECT id FROM t WHERE id = 250 FOR UPDATE").await;
     let child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
         .args(["--format", "json"])
         .env("RUST_LOG", "warn")
@@ -636,14 +643,11 @@ async fn row_locks_past_lock_timeout_are_retried() {
 
     // Another session locks rows 1000..=1100 and, before it commits, rewrites
     // ten of them under the old key.
-    let mut locker =
-        sqlx::PgConnection::connect_with(&PgConnectOptions::from_str(&db.url).unwrap())
-            .await
-            .unwrap();
-    sqlx::raw_sql("BEGIN; SELECT id FROM t WHERE id BETWEEN 1000 AND 1100 FOR UPDATE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
+    let mut locker = lock_rows(
+        &db,
+        "SELECT id FROM t WHERE id BETWEEN 1000 AND 1100 FOR UPDATE",
+    )
+    .await;
     for id in 1000..1010i64 {
         sqlx::query("UPDATE t SET secret = $2 WHERE id = $1")
             .bind(id)

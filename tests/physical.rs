@@ -500,6 +500,18 @@ async fn dry_run_order_and_refusals() {
     assert_eq!(plan["resumes_job"], serde_json::Value::Null, "{text}");
 }
 
+/// Checks that a run counted each of `rows` rows once: `current` of them
+/// under the new key already, the others rotated.
+fn assert_exact_counts(summary: &serde_json::Value, text: &str, rows: i64, current: i64) {
+    assert_eq!(first_target_count(summary, "rows_scanned"), rows, "{text}");
+    assert_eq!(first_target_count(summary, "current"), current, "{text}");
+    assert_eq!(
+        first_target_count(summary, "reencrypted"),
+        rows - current,
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn physical_pass_counts_rows_older_than_its_start() {
     let db = TestDb::new().await;
@@ -529,13 +541,7 @@ async fn physical_pass_counts_rows_older_than_its_start() {
     );
     sqlx::raw_sql("ROLLBACK").execute(&mut older).await.unwrap();
     assert_eq!(code, 0, "{text}");
-    assert_eq!(first_target_count(&summary, "rows_scanned"), rows, "{text}");
-    assert_eq!(first_target_count(&summary, "current"), current, "{text}");
-    assert_eq!(
-        first_target_count(&summary, "reencrypted"),
-        rows - current,
-        "{text}"
-    );
+    assert_exact_counts(&summary, &text, rows, current);
     assert_reads(&db, &new.key, rows, plaintext).await;
 }
 
@@ -635,13 +641,7 @@ async fn physical_pass_counts_row_moved_by_older_transaction_once() {
     let text = common::output_text(&output);
     assert_eq!(output.status.code(), Some(0), "{text}");
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(first_target_count(&summary, "rows_scanned"), rows, "{text}");
-    assert_eq!(first_target_count(&summary, "current"), current, "{text}");
-    assert_eq!(
-        first_target_count(&summary, "reencrypted"),
-        rows - current,
-        "{text}"
-    );
+    assert_exact_counts(&summary, &text, rows, current);
     assert_reads(&db, &new.key, rows, plaintext).await;
 }
 
