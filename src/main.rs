@@ -106,6 +106,13 @@ async fn dispatch(command: Command, stop: Arc<AtomicBool>) -> Result<i32, Failur
                         {
                             tracing::warn!(error = %error, "Could not record the stopped run.");
                         }
+                        // A machine reading the output gets the job as the run left it.
+                        if args.output.format == OutputFormat::Json {
+                            println!(
+                                "{}",
+                                serde_json::to_string_pretty(summary).unwrap_or_default()
+                            );
+                        }
                     }
                     return Err(stopped.failure);
                 }

@@ -479,9 +479,11 @@ async fn resume_after_kill_and_signal() {
         "killed part-way, scanned {scanned}"
     );
 
-    // SIGTERM part-way: exits 4 after a clean checkpoint.
+    // SIGTERM part-way: exits 4 after a clean checkpoint, and prints the
+    // job as the run left it.
     let mut command = run_command(&db, &["t.secret"], &[&old.path], &new.path);
     slow(&mut command);
+    command.args(["--format", "json"]);
     let child = command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -504,6 +506,10 @@ async fn resume_after_kill_and_signal() {
         resumed > scanned && resumed < rows,
         "second run resumed: {scanned} then {resumed}"
     );
+    let stopped: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|_| panic!("no JSON summary: {}", output_text(&output)));
+    assert_eq!(stopped["job_finished"], false);
+    assert_eq!(counts(&stopped, 0)["rows_scanned"], resumed);
 
     // The third run finishes; the counts add up to the table.
     let (code, summary, text) = run_json(
