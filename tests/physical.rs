@@ -586,7 +586,7 @@ async fn wait_for_scanned(db: &TestDb, target: &str, rows: i64) {
 }
 
 #[tokio::test]
-async fn physical_pass_counts_row_moved_by_older_transaction_once() {
+async fn physical_pass_counts_moved_row_once() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
