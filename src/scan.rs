@@ -78,9 +78,15 @@ pub enum ScanMethod {
         /// Source of `rows_total_estimate`: `reltuples` (the planner's estimate)
         /// or `count` (an exact count, for a table never analyzed).
         rows_total_source: String,
-        /// Raw counts of the rows read, before scaling.
+        /// Raw counts of the rows read, before scaling, named as the plan's.
+        #[serde(serialize_with = "plan_counts")]
         counts_read: Counts,
     },
+}
+
+/// Serializes counts with the names a plan gives them (`rows`, `old_key`, ...).
+fn plan_counts<S: serde::Serializer>(counts: &Counts, serializer: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&crate::report::outcome_counts_json(counts), serializer)
 }
 
 /// The result of scanning one target.

@@ -481,6 +481,14 @@ async fn plan_sample_scales_counts() {
     assert_eq!(target["method"]["rows_total_source"], "reltuples");
     assert_eq!(number(&target["method"], "rows_total_estimate"), 20_000);
     let read = number(&target["method"], "rows_read");
+    // The raw counts carry the plan's names, and add up to the rows read.
+    let raw = &target["method"]["counts_read"];
+    assert_eq!(number(raw, "rows"), read, "{text}");
+    assert_eq!(
+        number(raw, "old_key") + number(raw, "current"),
+        read,
+        "{text}"
+    );
     assert!(read > 0, "rows read: {read}");
     assert!(read <= 4000, "rows read: {read}");
     assert_eq!(number(&target["counts"], "rows"), 20_000);
