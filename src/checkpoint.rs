@@ -166,6 +166,8 @@ fn counts_from_row(row: &sqlx::postgres::PgRow) -> Result<Counts, sqlx::Error> {
 pub enum IdentityMismatch {
     #[error("job {job} is running (its lease is live), so --restart would pull it from under that runner; stop it first, or after a crash on another host wait for the lease to expire or run `reencrypt release --job {job}`")]
     Running { job: String },
+    #[error("--schema {schema} holds tables named like the worker's that reencrypt did not create; choose another --schema")]
+    ForeignSchema { schema: String },
     #[error("job {job} was started with a different {what} (stored {stored}, now {given}); resume with the same settings, or pass --restart to start the job over")]
     Differs {
         job: String,
@@ -332,11 +334,23 @@ pub async fn check_stored_job(
     identity: &JobIdentity,
 ) -> Result<Option<Result<(), IdentityMismatch>>, sqlx::Error> {
     let q = quote_ident(schema);
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(format!("{q}.jobs"))
-        .fetch_one(&mut *conn)
-        .await?;
-    if !exists {
+    // The worker's tables in a schema without its bookkeeping belong to
+    // someone else, and a run would fail to create its own.
+    let (bookkeeping, tables, jobs): (bool, i64, bool) = sqlx::query_as(
+        "SELECT to_regclass($1 || '.schema_migrations') IS NOT NULL, \
+                (SELECT count(*) FROM unnest(ARRAY['jobs', 'leases', 'ranges', 'attention', 'runs']) AS n \
+                 WHERE to_regclass($1 || '.' || n) IS NOT NULL), \
+                to_regclass($1 || '.jobs') IS NOT NULL",
+    )
+    .bind(&q)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !bookkeeping && tables > 0 {
+        return Ok(Some(Err(IdentityMismatch::ForeignSchema {
+            schema: schema.to_string(),
+        })));
+    }
+    if !jobs {
         return Ok(None);
     }
     let stored = sqlx::query(&format!(

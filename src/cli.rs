@@ -140,20 +140,22 @@ pub struct TuningArgs {
     #[arg(long, env = "REENCRYPT_BATCH_TARGET_MS", default_value_t = DEFAULT_BATCH_TARGET_MS)]
     pub batch_target_ms: u64,
 
-    /// Threads for decryption and encryption (default: the available cores).
+    /// Threads for decryption and encryption, 1 to 256 (default: the available cores).
     #[arg(long, env = "REENCRYPT_THREADS")]
     pub threads: Option<usize>,
 
-    /// lock_timeout of every transaction, in milliseconds.
+    /// lock_timeout of every transaction, in milliseconds (at most 2147483647).
     #[arg(long, env = "REENCRYPT_LOCK_TIMEOUT_MS", default_value_t = DEFAULT_LOCK_TIMEOUT_MS)]
     pub lock_timeout_ms: u64,
 
-    /// statement_timeout of every transaction, in milliseconds. A batch that
+    /// statement_timeout of every transaction, in milliseconds (at most
+    /// 2147483647). A batch that
     /// times out is split in two and retried.
     #[arg(long, env = "REENCRYPT_STATEMENT_TIMEOUT_MS", default_value_t = DEFAULT_STATEMENT_TIMEOUT_MS)]
     pub statement_timeout_ms: u64,
 
-    /// idle_in_transaction_session_timeout of every transaction, in milliseconds.
+    /// idle_in_transaction_session_timeout of every transaction, in
+    /// milliseconds (at most 2147483647).
     #[arg(long, env = "REENCRYPT_IDLE_IN_TRANSACTION_TIMEOUT_MS", default_value_t = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT_MS)]
     pub idle_in_transaction_timeout_ms: u64,
 

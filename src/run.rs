@@ -126,6 +126,10 @@ fn shared_by_writers(sizing: BatchSizing, writers: u32) -> BatchSizing {
     }
 }
 
+/// The maximum of `--threads`. Decryption takes about a microsecond per
+/// value, so a few threads keep up with the database.
+const MAX_CRYPTO_THREADS: usize = 256;
+
 /// Validates tuning options into timeouts, batch sizing and retry bounds.
 pub fn tuning(args: &TuningArgs) -> Result<(Timeouts, BatchSizing, RetryPolicy), Failure> {
     let positive = |name: &str, value: u64| {
@@ -135,9 +139,20 @@ pub fn tuning(args: &TuningArgs) -> Result<(Timeouts, BatchSizing, RetryPolicy),
             Ok(())
         }
     };
-    positive("--lock-timeout-ms", args.lock_timeout_ms)?;
-    positive("--statement-timeout-ms", args.statement_timeout_ms)?;
-    positive(
+    // PostgreSQL takes a timeout in milliseconds as a 32-bit integer.
+    let timeout = |name: &str, value: u64| {
+        positive(name, value)?;
+        if value > i32::MAX as u64 {
+            return Err(Failure::Config(format!(
+                "{name} must be at most {} (PostgreSQL's limit), got {value}",
+                i32::MAX
+            )));
+        }
+        Ok(())
+    };
+    timeout("--lock-timeout-ms", args.lock_timeout_ms)?;
+    timeout("--statement-timeout-ms", args.statement_timeout_ms)?;
+    timeout(
         "--idle-in-transaction-timeout-ms",
         args.idle_in_transaction_timeout_ms,
     )?;
@@ -151,8 +166,12 @@ pub fn tuning(args: &TuningArgs) -> Result<(Timeouts, BatchSizing, RetryPolicy),
             )));
         }
     }
-    if args.threads == Some(0) {
-        return Err(Failure::Config("--threads must be greater than 0".into()));
+    if let Some(threads) = args.threads {
+        if threads == 0 || threads > MAX_CRYPTO_THREADS {
+            return Err(Failure::Config(format!(
+                "--threads must be between 1 and {MAX_CRYPTO_THREADS}, got {threads}"
+            )));
+        }
     }
 
     let timeouts = Timeouts {
@@ -543,6 +562,12 @@ pub fn check_options(args: &RunArgs) -> Result<(), Failure> {
     if args.database.schema.is_empty() {
         return Err(Failure::Config("--schema must not be empty".into()));
     }
+    if args.database.schema.starts_with("pg_") {
+        return Err(Failure::Config(format!(
+            "--schema {:?} starts with pg_, which PostgreSQL reserves for its own schemas",
+            args.database.schema
+        )));
+    }
 
     crate::inspect::check_report_path(args.output.report.as_deref())?;
     crate::inspect::report_limit(args.output.report_limit)?;
@@ -652,24 +677,61 @@ pub async fn resumed_job(
             checkpoint::range_key_columns(&mut tx, schema, &identity.job, &target.label())
                 .await
                 .map_err(fail)?;
-        let order = columns.map(|columns| match columns == POSITION_COLUMNS {
+        let Some(columns) = columns else {
+            orders.push(None);
+            continue;
+        };
+        let physical = columns == POSITION_COLUMNS;
+        check_job_order(&identity.job, args.scan_order, physical)?;
+        check_job_sweeps(&identity.job, &target.label(), physical, args.max_sweeps)?;
+        check_job_key(&identity.job, target, &columns)?;
+        orders.push(Some(match physical {
             true => ScanOrder::Physical,
             false => ScanOrder::Key,
-        });
-        if let Some(started) = order {
-            check_job_order(
-                &identity.job,
-                args.scan_order,
-                started == ScanOrder::Physical,
-            )?;
-        }
-        orders.push(order);
+        }));
     }
     tx.commit().await.map_err(fail)?;
     Ok(Some(ResumedJob {
         job: identity.job,
         orders,
     }))
+}
+
+/// Refuses to resume a job's pass over `target` with another paging key than
+/// the one its ranges were made for: their bounds are values of that key.
+fn check_job_key(job: &str, target: &Target, key_columns: &[String]) -> Result<(), Failure> {
+    if key_columns == POSITION_COLUMNS {
+        return Ok(());
+    }
+    let paged_by: Vec<&str> = target.key.iter().map(|k| k.name.as_str()).collect();
+    if key_columns
+        .iter()
+        .map(String::as_str)
+        .eq(paged_by.iter().copied())
+    {
+        return Ok(());
+    }
+    Err(Failure::Config(format!(
+        "job {job} pages {} by ({}), but this run would page it by ({}); use the settings the job started with (--unique-key), or --restart",
+        target.label(),
+        key_columns.join(", "),
+        paged_by.join(", ")
+    )))
+}
+
+/// Refuses to resume a job's pass in physical order without sweeps.
+fn check_job_sweeps(
+    job: &str,
+    label: &str,
+    physical: bool,
+    max_sweeps: u32,
+) -> Result<(), Failure> {
+    if physical && max_sweeps == 0 {
+        return Err(Failure::Config(format!(
+            "job {job} reads {label} in physical order, which needs the sweep; use --max-sweeps of 1 or more"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses a `--scan-order` other than the one a job's pass started with.
@@ -1130,11 +1192,9 @@ async fn rotate_all(
             false => "the job's pass started in this order",
         };
         tracing::info!(target = %label, order = if physical { "physical" } else { "key" }, new_job = created, reason, "Scan order.");
-        if physical && args.max_sweeps == 0 {
-            return Err(Failure::Config(format!(
-                "job {} reads {label} in physical order, which needs the sweep; use --max-sweeps of 1 or more",
-                settings.job
-            )));
+        check_job_sweeps(&settings.job, &label, physical, args.max_sweeps)?;
+        if let Some(first) = ranges.first() {
+            check_job_key(&settings.job, target, &first.key_columns)?;
         }
         if ranges.len() != range_count {
             return Err(Failure::Config(format!(

@@ -1498,6 +1498,33 @@ async fn hostile_inputs_exit_2_and_write_nothing() {
             "--schema must not be empty",
         ),
         (
+            "lock timeout past PostgreSQL's limit",
+            with(
+                key_args(good_target, &old.path, &new.path),
+                &["--lock-timeout-ms", "2147483648"],
+            ),
+            vec![],
+            "--lock-timeout-ms must be at most 2147483647",
+        ),
+        (
+            "statement timeout past PostgreSQL's limit",
+            with(
+                key_args(good_target, &old.path, &new.path),
+                &["--statement-timeout-ms", "9999999999"],
+            ),
+            vec![],
+            "--statement-timeout-ms must be at most",
+        ),
+        (
+            "too many crypto threads",
+            with(
+                key_args(good_target, &old.path, &new.path),
+                &["--threads", "100000"],
+            ),
+            vec![],
+            "--threads must be between 1 and 256",
+        ),
+        (
             "negative report limit",
             with(
                 key_args(good_target, &old.path, &new.path),
@@ -1507,7 +1534,20 @@ async fn hostile_inputs_exit_2_and_write_nothing() {
             "--report-limit must be zero or more",
         ),
     ];
-    for (name, arguments, environment, expected) in cases {
+    // A dry run refuses each case as the run does.
+    let dry_runs: Vec<_> = cases
+        .iter()
+        .filter(|(_, arguments, _, _)| arguments.first().is_some_and(|a| a == "run"))
+        .map(|(name, arguments, environment, expected)| {
+            (
+                *name,
+                with(arguments.clone(), &["--dry-run"]),
+                environment.clone(),
+                *expected,
+            )
+        })
+        .collect();
+    for (name, arguments, environment, expected) in cases.into_iter().chain(dry_runs) {
         let mut command = common::binary();
         command.args(&arguments).arg("--database-url").arg(&db.url);
         for (variable, value) in &environment {
@@ -1584,18 +1624,28 @@ async fn taken_schema_exits_2() {
         .execute(&db.pool)
         .await
         .unwrap();
-    // The application already has a table named like one of the worker's.
+    // The application already has tables named like the worker's.
     db.exec("CREATE SCHEMA appx; CREATE TABLE appx.runs (id int)")
         .await;
+    db.exec("CREATE SCHEMA appj; CREATE TABLE appj.jobs (id int)")
+        .await;
 
-    for schema in ["appx", "pg_catalog"] {
-        let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
-            .args(["--schema", schema])
-            .output()
-            .unwrap();
-        let text = output_text(&output);
-        assert_eq!(output.status.code(), Some(2), "{schema}: {text}");
-        assert!(text.contains("--schema"), "{schema}: {text}");
+    // A dry run refuses them as the run does.
+    for dry_run in [&[][..], &["--dry-run"][..]] {
+        for schema in ["appx", "appj", "pg_catalog", "pg_toast"] {
+            let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+                .args(["--schema", schema])
+                .args(dry_run)
+                .output()
+                .unwrap();
+            let text = output_text(&output);
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{schema} {dry_run:?}: {text}"
+            );
+            assert!(text.contains("--schema"), "{schema}: {text}");
+        }
     }
     let after: String = sqlx::query_scalar("SELECT secret FROM t")
         .fetch_one(&db.pool)

@@ -487,6 +487,7 @@ async fn dry_run_order_and_refusals() {
         &["--writers", "2"],
         "different number of writers",
     );
+    refused("t.secret", &["--max-sweeps", "0"], "which needs the sweep");
     let other = KeyFile::generate();
     let (code, _, text) = run_json(
         run_command(&db, &["t.secret"], &[&old.path, &other.path], &new.path).arg("--dry-run"),
@@ -704,4 +705,33 @@ async fn physical_pass_never_started_counts_every_row() {
     assert_eq!(count(1, "rows_scanned"), Some(rows), "{text}");
     assert_eq!(count(1, "current"), Some(rows / 2), "{text}");
     assert_eq!(count(1, "reencrypted"), Some(rows / 2), "{text}");
+}
+
+#[tokio::test]
+async fn resume_with_another_unique_key_is_refused() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, 200, &old.key).await;
+    db.exec(
+        "ALTER TABLE t ADD COLUMN id2 bigint; UPDATE t SET id2 = -id; \
+             ALTER TABLE t ALTER COLUMN id2 SET NOT NULL; CREATE UNIQUE INDEX t_id2 ON t (id2)",
+    )
+    .await;
+    // A job in key order, paged by the primary key.
+    let (code, _, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path).args(["--scan-order", "key"]),
+    );
+    assert_eq!(code, 0, "{text}");
+
+    // Its ranges hold values of `id`: paging them by `id2` would skip rows.
+    for dry_run in [&[][..], &["--dry-run"][..]] {
+        let (code, _, text) = run_json(
+            run_command(&db, &["t.secret"], &[&old.path], &new.path)
+                .args(["--unique-key", "t=id2"])
+                .args(dry_run),
+        );
+        assert_eq!(code, 2, "{dry_run:?}: {text}");
+        assert!(text.contains("pages public.t.secret by (id)"), "{text}");
+    }
 }
