@@ -61,6 +61,12 @@ pub async fn plan_from_run(args: &RunArgs) -> Result<i32, Failure> {
         ));
     }
     crate::run::check_options(args)?;
+    // The run serves metrics on this address; a dry run only checks that it
+    // is free.
+    if let Some(address) = crate::run::metrics_listen(&args.metrics.metrics_listen)? {
+        std::net::TcpListener::bind(address)
+            .map_err(|e| Failure::Config(format!("cannot serve metrics on {address}: {e}")))?;
+    }
     let inputs = ScanInputs {
         database: &args.database,
         targets: &args.targets,
@@ -221,7 +227,7 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
         if let Some(order) = resumed.as_ref().and_then(|job| job.orders[index]) {
             orders.push(crate::run::OrderChoice {
                 order,
-                reason: "the job's pass started in this order".into(),
+                reason: "the job's ranges were made for this order".into(),
             });
             continue;
         }

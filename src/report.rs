@@ -451,9 +451,8 @@ pub fn render_plan(keys: &KeyEvidence, targets: &[PlanTarget]) -> String {
         for (outcome, keys) in &target.scan.keys {
             if !keys.is_empty() {
                 out.push_str(&format!(
-                    "{}: {outcome} keys (the first {}, see --report-limit): {}\n",
+                    "{}: {outcome} keys (at most --report-limit): {}\n",
                     target.scan.target,
-                    keys.len(),
                     keys.join(", ")
                 ));
             }

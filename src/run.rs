@@ -541,14 +541,23 @@ pub async fn choose_order(
         ));
     }
     let sizes = format!(
-        "the table takes {} MiB, against {} MiB for {AUTO_PHYSICAL_FACTOR} times shared_buffers",
-        size >> 20,
-        AUTO_PHYSICAL_FACTOR.saturating_mul(cache) >> 20
+        "the table takes {}, against {} for {AUTO_PHYSICAL_FACTOR} times shared_buffers",
+        size_text(size),
+        size_text(AUTO_PHYSICAL_FACTOR.saturating_mul(cache))
     );
     if size > AUTO_PHYSICAL_FACTOR.saturating_mul(cache) {
         Ok(OrderChoice::new(ScanOrder::Physical, sizes))
     } else {
         key_order(sizes)
+    }
+}
+
+/// Formats a size in bytes for a person: KiB below a MiB, MiB above.
+fn size_text(bytes: i64) -> String {
+    if bytes < 1 << 20 {
+        format!("{} KiB", (bytes + 1023) >> 10)
+    } else {
+        format!("{} MiB", bytes >> 20)
     }
 }
 
@@ -1189,7 +1198,7 @@ async fn rotate_all(
         check_job_order(&settings.job, args.scan_order, physical)?;
         let reason = match created {
             true => choice.reason.as_str(),
-            false => "the job's pass started in this order",
+            false => "the job's ranges were made for this order",
         };
         tracing::info!(target = %label, order = if physical { "physical" } else { "key" }, new_job = created, reason, "Scan order.");
         check_job_sweeps(&settings.job, &label, physical, args.max_sweeps)?;

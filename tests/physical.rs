@@ -451,6 +451,29 @@ async fn dry_run_order_and_refusals() {
         &["--pushgateway-url", "gateway:9091"],
         "invalid --pushgateway-url",
     );
+    // The run would serve metrics on the address, so a taken one is refused.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let output = common::binary()
+        .args([
+            "run",
+            "--dry-run",
+            "--database-url",
+            &db.url,
+            "--target",
+            "t.secret",
+        ])
+        .args(["--metrics-listen", &address, "--old-key-file"])
+        .arg(&old.path)
+        .arg("--new-key-file")
+        .arg(&new.path)
+        .output()
+        .unwrap();
+    let text = common::output_text(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("cannot serve metrics"), "{text}");
+    drop(taken);
+
     let schema: Option<String> =
         sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname = 'reencrypt'")
             .fetch_optional(&db.pool)
@@ -467,7 +490,7 @@ async fn dry_run_order_and_refusals() {
     assert_eq!(code, 0, "{text}");
     assert_eq!(plan["targets"][0]["scan_order"], "physical", "{text}");
     assert_eq!(
-        plan["targets"][0]["scan_order_reason"], "the job's pass started in this order",
+        plan["targets"][0]["scan_order_reason"], "the job's ranges were made for this order",
         "{text}"
     );
     assert_eq!(plan["command"], "run --dry-run", "{text}");
