@@ -598,6 +598,26 @@ async fn lock_rows(db: &TestDb, statement: &str) -> sqlx::PgConnection {
     locker
 }
 
+/// Runs `command` with `--format json` and warnings logged, commits the
+/// `locker`'s transaction after `hold`, and returns the run's output.
+async fn run_while_locked(
+    command: &mut Command,
+    mut locker: sqlx::PgConnection,
+    hold: Duration,
+) -> std::process::Output {
+    let child = command
+        .args(["--format", "json"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(hold).await;
+    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
+    locker.close().await.unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[tokio::test]
 async fn lock_wait_logs_no_sql() {
     let db = TestDb::new().await;
@@ -608,19 +628,13 @@ async fn lock_wait_logs_no_sql() {
 
     // Another session holds a row lock for longer than a second, shorter
     // than the lock timeout: the batch with that row waits, then commits.
-    let mut locker = lock_rows(&db, "SELECT id FROM t WHERE id = 250 FOR UPDATE").await;
-    let child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
-        .args(["--format", "json"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
-    locker.close().await.unwrap();
-
-    let output = child.wait_with_output().unwrap();
+    let locker = lock_rows(&db, "SELECT id FROM t WHERE id = 250 FOR UPDATE").await;
+    let output = run_while_locked(
+        &mut run_command(&db, &["t.secret"], &[&old.path], &new.path),
+        locker,
+        Duration::from_millis(2500),
+    )
+    .await;
     let text = output_text(&output);
     assert_eq!(output.status.code(), Some(0), "{text}");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -661,19 +675,17 @@ async fn row_locks_past_lock_timeout_are_retried() {
             .unwrap();
     }
 
-    let child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
-        .args(["--batch-size", "300", "--lock-timeout-ms", "200"])
-        .args(["--format", "json"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    sqlx::raw_sql("COMMIT").execute(&mut locker).await.unwrap();
-    locker.close().await.unwrap();
-
-    let output = child.wait_with_output().unwrap();
+    let output = run_while_locked(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path).args([
+            "--batch-size",
+            "300",
+            "--lock-timeout-ms",
+            "200",
+        ]),
+        locker,
+        Duration::from_secs(3),
+    )
+    .await;
     let text = output_text(&output);
     assert_eq!(output.status.code(), Some(0), "{text}");
     let stderr = String::from_utf8_lossy(&output.stderr);
