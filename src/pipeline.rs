@@ -142,6 +142,8 @@ pub struct PhysicalScan {
     /// not from one of these was written before the pass started, so it
     /// counts when the pass reads it. A version from one of these, written
     /// during the pass, may be met again after it moved, as the pass's own.
+    /// NOTE: the list has no subtransaction IDs, so a row that a running
+    /// subtransaction moves ahead of the pass can still count twice.
     pub running: Arc<Vec<String>>,
 }
 

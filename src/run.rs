@@ -660,7 +660,7 @@ pub struct ResumedJob {
 }
 
 /// Reads, without writing, the job that a run of these options would
-/// resume, for `run --dry-run`. Returns `None` for a new job. Refuses, as
+/// resume, for `run --dry-run`. Returns `None` for a new job. Rejects, as
 /// the run does, options that differ from the job's.
 pub async fn resumed_job(
     db: &Database,
@@ -706,7 +706,7 @@ pub async fn resumed_job(
     }))
 }
 
-/// Refuses to resume a job's pass over `target` with another paging key than
+/// Rejects a resume of a job's pass over `target` with another paging key than
 /// the one its ranges were made for: their bounds are values of that key.
 fn check_job_key(job: &str, target: &Target, key_columns: &[String]) -> Result<(), Failure> {
     if key_columns == POSITION_COLUMNS {
@@ -728,7 +728,7 @@ fn check_job_key(job: &str, target: &Target, key_columns: &[String]) -> Result<(
     )))
 }
 
-/// Refuses to resume a job's pass in physical order without sweeps.
+/// Rejects a resume of a job's pass in physical order without sweeps.
 fn check_job_sweeps(
     job: &str,
     label: &str,
@@ -743,7 +743,7 @@ fn check_job_sweeps(
     Ok(())
 }
 
-/// Refuses a `--scan-order` other than the one a job's pass started with.
+/// Rejects a `--scan-order` other than the one a job's pass started with.
 fn check_job_order(job: &str, requested: ScanOrder, physical: bool) -> Result<(), Failure> {
     let requested = match requested {
         ScanOrder::Auto => return Ok(()),

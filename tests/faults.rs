@@ -1546,7 +1546,7 @@ async fn hostile_inputs_exit_2_and_write_nothing() {
             "--report-limit must be zero or more",
         ),
     ];
-    // A dry run refuses each case as the run does.
+    // A dry run rejects each case as the run does.
     let dry_runs: Vec<_> = cases
         .iter()
         .filter(|(_, arguments, _, _)| arguments.first().is_some_and(|a| a == "run"))
@@ -1642,7 +1642,7 @@ async fn taken_schema_exits_2() {
     db.exec("CREATE SCHEMA appj; CREATE TABLE appj.jobs (id int)")
         .await;
 
-    // A dry run refuses them as the run does.
+    // A dry run rejects them as the run does.
     for dry_run in [&[][..], &["--dry-run"][..]] {
         for schema in ["appx", "appj", "pg_catalog", "pg_toast"] {
             let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)

@@ -364,7 +364,7 @@ async fn physical_resume_sweeps_with_writers() {
 }
 
 #[tokio::test]
-async fn dry_run_order_and_refusals() {
+async fn dry_run_order_and_rejections() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -421,39 +421,39 @@ async fn dry_run_order_and_refusals() {
         .unwrap_or_else(|| panic!("no paging row in {text}"));
     assert!(row.contains(" key "), "{row}");
 
-    // A dry run refuses what the run would refuse, with the same exit code.
-    let refused = |target: &str, args: &[&str], expected: &str| {
+    // A dry run rejects what the run would reject, with the same exit code.
+    let rejected = |target: &str, args: &[&str], expected: &str| {
         let (code, _, text) = dry_run(target, args);
         assert_eq!(code, 2, "{text}");
         assert!(text.contains(expected), "expected {expected:?} in {text}");
     };
-    refused("p.secret", &PHYSICAL, "is partitioned or has child tables");
-    refused(
+    rejected("p.secret", &PHYSICAL, "is partitioned or has child tables");
+    rejected(
         "t.secret",
         &["--scan-order", "physical", "--shard-count", "2"],
         "runs as one shard",
     );
-    refused(
+    rejected(
         "t.secret",
         &["--scan-order", "physical", "--max-sweeps", "0"],
         "--max-sweeps of 1 or more",
     );
-    refused("t.secret", &["--writers", "0"], "--writers must be between");
-    refused(
+    rejected("t.secret", &["--writers", "0"], "--writers must be between");
+    rejected(
         "t.secret",
         &["--shard-count", "2", "--shard-index", "2"],
         "--shard-index must be below --shard-count",
     );
-    refused("t.secret", &["--job", " "], "--job must not be empty");
-    refused("t.secret", &["--lease-ttl-secs", "1"], "--lease-ttl-secs");
-    refused(
+    rejected("t.secret", &["--job", " "], "--job must not be empty");
+    rejected("t.secret", &["--lease-ttl-secs", "1"], "--lease-ttl-secs");
+    rejected(
         "t.secret",
         &["--pushgateway-url", "gateway:9091"],
         "invalid --pushgateway-url",
     );
-    // The run would serve metrics on the address, so a taken one is refused.
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = taken.local_addr().unwrap().to_string();
+    // The run would serve metrics on the address, so one in use is rejected.
+    let in_use = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = in_use.local_addr().unwrap().to_string();
     let output = common::binary()
         .args([
             "run",
@@ -472,7 +472,7 @@ async fn dry_run_order_and_refusals() {
     let text = common::output_text(&output);
     assert_eq!(output.status.code(), Some(2), "{text}");
     assert!(text.contains("cannot serve metrics"), "{text}");
-    drop(taken);
+    drop(in_use);
 
     let schema: Option<String> =
         sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname = 'reencrypt'")
@@ -482,7 +482,7 @@ async fn dry_run_order_and_refusals() {
     assert_eq!(schema, None, "a dry run created the checkpoint schema");
 
     // Once a job exists, a dry run shows the order its pass started with,
-    // and refuses the options the run would refuse to resume it with.
+    // and rejects the options the run would reject to resume it with.
     let (code, _, text) =
         run_json(run_command(&db, &["t.secret"], &[&old.path], &new.path).args(PHYSICAL));
     assert_eq!(code, 0, "{text}");
@@ -500,17 +500,17 @@ async fn dry_run_order_and_refusals() {
             .is_some_and(|job| job.starts_with("rotate-")),
         "{text}"
     );
-    refused(
+    rejected(
         "t.secret",
         &["--scan-order", "key"],
         "was started with --scan-order physical",
     );
-    refused(
+    rejected(
         "t.secret",
         &["--writers", "2"],
         "different number of writers",
     );
-    refused("t.secret", &["--max-sweeps", "0"], "which needs the sweep");
+    rejected("t.secret", &["--max-sweeps", "0"], "which needs the sweep");
     let other = KeyFile::generate();
     let (code, _, text) = run_json(
         run_command(&db, &["t.secret"], &[&old.path, &other.path], &new.path).arg("--dry-run"),
@@ -731,7 +731,7 @@ async fn physical_pass_never_started_counts_every_row() {
 }
 
 #[tokio::test]
-async fn resume_with_another_unique_key_is_refused() {
+async fn resume_with_other_unique_key_rejected() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
