@@ -264,9 +264,7 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
         OutputFormat::Table => {
             print!("{}", report::render_plan(&keys, &planned));
             if let Some(job) = &resumes {
-                println!(
-                    "\nThe run resumes job {job}, in the order each target's pass started with."
-                );
+                println!("\nThe run resumes job {job}.");
             }
         }
         OutputFormat::Json => {
