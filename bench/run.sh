@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Measures `reencrypt run` against the floor of a plain UPDATE on one synthetic table.
 #
-#   bench/run.sh [ROWS]            (default 1000000)
+#   bench/run.sh [ROWS ...]        (default 1000000)
+#
+# Given several sizes, it measures them in turn in one invocation, and ends
+# with each setting's rows/s at every size and its ratio to the first size.
 #
 # Builds a `credentials` table shaped like the application's (uuid key, a
 # client_secret of about 113 characters encrypted under a random old key
@@ -19,7 +22,7 @@
 # Environment:
 #   BENCH_SERVER   server URL without a database (default postgres://postgres@127.0.0.1:5432)
 #   BENCH_WRITERS  --writers counts to measure, e.g. "1 2 4" (default 1)
-#   BENCH_ORDERS   --scan-order values to measure, e.g. "key physical" (default key)
+#   BENCH_ORDERS   --scan-order values to measure, e.g. "auto key physical" (default key)
 #   BENCH_ARGS     extra arguments for every product run, e.g. "--max-sweeps 0"
 #   BENCH_KEEP     directory to keep logs and summaries in (default: a temporary one)
 #   BENCH_NO_BUILD set to 1 to measure target/release/reencrypt as it is
@@ -29,8 +32,10 @@
 # Needs psql, openssl, python3, cargo and GNU time (/usr/bin/time, Debian package `time`).
 set -euo pipefail
 
-rows=${1:-1000000}
-case $rows in '' | *[!0-9]*) echo "usage: $0 [ROWS]" >&2; exit 2 ;; esac
+sizes=("${@:-1000000}")
+for rows in "${sizes[@]}"; do
+  case $rows in '' | *[!0-9]* | 0) echo "usage: $0 [ROWS ...], each a positive whole number" >&2; exit 2 ;; esac
+done
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 server=${BENCH_SERVER:-postgres://postgres@127.0.0.1:5432}
@@ -73,10 +78,12 @@ psql -qAt "$server/postgres" -c "SELECT 1 FROM pg_database WHERE datname = 'reen
 echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)," \
   "$(psql -qAt "$url" -c "SHOW server_version"), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
-# The template is encrypted once, and each measurement starts from a copy of
-# it, because copying is much faster than encrypting again.
-echo "building the template table: $rows rows"
-psql -q -v ON_ERROR_STOP=1 "$url" -v rows="$rows" -v oldkey="$old_key" <<'SQL'
+# Builds the template table of `rows` rows. It is encrypted once, and each
+# measurement starts from a copy of it, because copying is much faster than
+# encrypting again.
+template() {
+  echo "building the template table: $rows rows"
+  psql -q -v ON_ERROR_STOP=1 "$url" -v rows="$rows" -v oldkey="$old_key" <<'SQL'
 CREATE EXTENSION IF NOT EXISTS pgcrypto;
 DROP TABLE IF EXISTS credentials_template;
 CREATE TABLE credentials_template (
@@ -94,6 +101,7 @@ SELECT gen_random_uuid(), gen_random_uuid(),
                                  decode(:'oldkey', 'hex'), iv, 'aes-cbc/pad:pkcs'), 'base64'), E'\n', '')
 FROM (SELECT gen_random_bytes(16) AS iv FROM generate_series(1, :rows)) AS s;
 SQL
+}
 
 # Replaces `credentials` with a copy of the template and drops the checkpoint
 # schema, so that each run starts a new job.
@@ -104,7 +112,19 @@ DROP TABLE IF EXISTS credentials;
 CREATE TABLE credentials (LIKE credentials_template INCLUDING ALL);
 INSERT INTO credentials SELECT * FROM credentials_template;
 SQL
-  psql -q "$url" -c "VACUUM ANALYZE credentials" -c "CHECKPOINT"
+  psql -q "$url" -c "VACUUM ANALYZE credentials" -c "CHECKPOINT" \
+    -c "SELECT pg_stat_reset_shared('wal'), pg_stat_reset_shared('bgwriter')" >/dev/null
+}
+
+# Prints the WAL, full-page images, checkpoints and buffers written by
+# backends since `fresh`.
+wal_figures() {
+  psql -qAt -F ' ' "$url" -c "SELECT w.wal_bytes, w.wal_fpi, b.checkpoints_timed + b.checkpoints_req, b.buffers_backend
+    FROM pg_stat_wal AS w, pg_stat_bgwriter AS b" |
+    while read -r bytes fpi checkpoints backend; do
+      printf '  WAL: %.0f MB, %.2f full-page images per row; checkpoints: %d; buffers written by backends: %d\n' \
+        "$(python3 -c "print($bytes / 1e6)")" "$(python3 -c "print($fpi / $rows)")" "$checkpoints" "$backend"
+    done
 }
 
 now() { date +%s.%N; }
@@ -117,17 +137,24 @@ readable_under_new() {
           decode(split_part(client_secret, ':', 1), 'base64'), 'aes-cbc/pad:pkcs'), 'UTF8') LIKE 'sk_live_%'"
 }
 
-fresh
-start=$(now)
-psql -q "$url" -c "UPDATE credentials SET client_secret = client_secret || ''"
-end=$(now)
-floor_rate=$(rate "$start" "$end")
-printf 'floor: one UPDATE over %d rows: %.2f s, %d rows/s\n' "$rows" "$(python3 -c "print($end - $start)")" "$floor_rate"
+# Measures the floor on a fresh copy of the template and sets floor_rate.
+floor() {
+  fresh
+  local start end
+  start=$(now)
+  psql -q "$url" -c "UPDATE credentials SET client_secret = client_secret || ''"
+  end=$(now)
+  floor_rate=$(rate "$start" "$end")
+  printf 'floor: one UPDATE over %d rows: %.2f s, %d rows/s\n' "$rows" "$(python3 -c "print($end - $start)")" "$floor_rate"
+  wal_figures
+  printf '%s\tfloor\t-\t-\t%s\t%s\n' "$rows" "$floor_rate" "$floor_rate" >>"$work/rates.tsv"
+}
 
 # Runs a build of the product with the given scan order and writer count and prints its figures.
 measure() {
   local binary=$1 order=$2 writers=$3 n=$4
-  local log="$work/$n-$order-$writers.log" summary="$work/$n-$order-$writers.json" timing="$work/$n-$order-$writers.time"
+  local name="$work/$rows-$n-$order-$writers"
+  local log="$name.log" summary="$name.json" timing="$name.time"
   fresh
   local start end code=0
   start=$(now)
@@ -150,6 +177,7 @@ measure() {
   printf 'product %s, %s order, %d writer(s): %.2f s, %d rows/s, %.2f x the floor, rows readable under the new key: %d of %d\n' \
     "$binary" "$order" "$writers" "$(python3 -c "print($end - $start)")" "$product_rate" \
     "$(python3 -c "print($product_rate / $floor_rate)")" "$readable" "$rows"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$rows" "$binary" "$order" "$writers" "$product_rate" "$floor_rate" >>"$work/rates.tsv"
   python3 "$here/batch_stats.py" "$log" "$start" "$end" "$timing"
   psql -qAt -F ' ' "$url" -c "SELECT n_tup_upd, n_tup_hot_upd, pg_size_pretty(pg_table_size('credentials'))
     FROM pg_stat_user_tables WHERE relid = 'credentials'::regclass" |
@@ -157,17 +185,24 @@ measure() {
       printf '  updates: %d, HOT: %d (%.0f%%), table after the run: %s\n' "$updates" "$hot" \
         "$(python3 -c "print(100 * $hot / max($updates, 1))")" "$size"
     done
+  wal_figures
   [ "$readable" -eq "$rows" ] || { echo "error: $((rows - readable)) rows do not read under the new key" >&2; return 1; }
 }
 
 failed=0
-for order in ${BENCH_ORDERS:-key}; do
-  for writers in ${BENCH_WRITERS:-1}; do
-    n=0
-    for binary in "${binaries[@]}"; do
-      n=$((n + 1))
-      measure "$binary" "$order" "$writers" "$n" || failed=1
+: >"$work/rates.tsv"
+for rows in "${sizes[@]}"; do
+  template
+  floor
+  for order in ${BENCH_ORDERS:-key}; do
+    for writers in ${BENCH_WRITERS:-1}; do
+      n=0
+      for binary in "${binaries[@]}"; do
+        n=$((n + 1))
+        measure "$binary" "$order" "$writers" "$n" || failed=1
+      done
     done
   done
 done
+[ "${#sizes[@]}" -lt 2 ] || python3 "$here/across_sizes.py" "$work/rates.tsv"
 exit "$failed"

@@ -78,7 +78,7 @@ hadolint Dockerfile
 echo "Dockerfile: no findings"
 
 step "Shell scripts (shellcheck)"
-shellcheck deploy/validate.sh deploy/compose/*.sh
+shellcheck deploy/validate.sh deploy/compose/*.sh bench/*.sh .ci/run
 echo "shell scripts: no findings"
 
 if command -v promtool >/dev/null; then
