@@ -139,13 +139,14 @@ async fn lost_reply_first_phase_counts_once() {
 
 #[tokio::test]
 async fn lost_reply_middle_phase_counts_once() {
-    counts_once(&PHYSICAL, 2).await;
+    counts_once(&PHYSICAL, 3).await;
 }
 
 #[tokio::test]
 async fn lost_reply_last_phase_counts_once() {
-    // The window's last phase, whose checkpoint moves the position.
-    counts_once(&PHYSICAL, 3).await;
+    // The fifth phase is the window's last for a writer alone, and its
+    // checkpoint moves the position.
+    counts_once(&PHYSICAL, 5).await;
 }
 
 #[tokio::test]
@@ -163,6 +164,11 @@ async fn killed_after_first_phase_resumes() {
 #[tokio::test]
 async fn killed_after_second_phase_resumes() {
     killed_between_phases_resumes(2).await;
+}
+
+#[tokio::test]
+async fn killed_before_last_phase_resumes() {
+    killed_between_phases_resumes(4).await;
 }
 
 /// Kills a run in physical order once `phases` phases of its first window
