@@ -559,6 +559,18 @@ impl ClassifiedBatch {
     }
 }
 
+/// Returns the batch size to read next after a write of `rows` rows timed
+/// out: half the rows of a window whose phases are each that large, so that
+/// the next window's phases are half as large, and no fewer than `min_rows`.
+/// `read_rows` is the size of the window the write belongs to.
+fn rows_after_timeout(phase: Phase, rows: usize, read_rows: usize, min_rows: usize) -> usize {
+    let window_rows = match phase {
+        Phase::Whole => rows,
+        Phase::Part { of, .. } => rows.saturating_mul(of).min(read_rows),
+    };
+    (window_rows / 2).max(min_rows)
+}
+
 /// A batch read for the writer: its phases still to write, in order.
 struct OpenWindow {
     parts: VecDeque<ClassifiedBatch>,
@@ -958,7 +970,7 @@ pub async fn run_range(
             Ok(WriteResult::Split(halves)) => {
                 let (head, tail) = *halves;
                 tracing::warn!(target = %work.target_label, rows, "Batch timed out; retrying it as two smaller batches.");
-                let smaller = (rows / 2).max(settings.batch.min_rows);
+                let smaller = rows_after_timeout(phase, rows, read_rows, settings.batch.min_rows);
                 batch_rows.store(smaller, Ordering::Relaxed);
                 window.parts.push_front(tail);
                 window.parts.push_front(head);
@@ -2044,6 +2056,25 @@ mod tests {
         assert_eq!(tail.batch.end, vec!["(9,0)".to_string()]);
     }
 
+    #[test]
+    fn timeout_halves_the_window() {
+        let part = |number| Phase::Part {
+            number,
+            of: 5,
+            revisit: false,
+        };
+        // A phase of a fifth of a 10,000-row window: the next window is half.
+        assert_eq!(rows_after_timeout(part(1), 2000, 10_000, 10), 5000);
+        // The head of that phase after a split timed out as well.
+        assert_eq!(rows_after_timeout(part(1), 1000, 10_000, 10), 2500);
+        // The last phase also contains the rows with nothing to write.
+        assert_eq!(rows_after_timeout(part(5), 4000, 10_000, 10), 5000);
+        assert_eq!(rows_after_timeout(Phase::Whole, 800, 800, 10), 400);
+        assert_eq!(rows_after_timeout(Phase::Whole, 15, 15, 10), 10);
+        assert_eq!(phases_per_window(1), 5);
+        assert_eq!(phases_per_window(2), PHASES_BESIDE_OTHERS);
+    }
+
     /// Builds a window of `phases` phases, tagged `tag` in `read_rows`.
     fn open_window(tag: usize, phases: usize) -> OpenWindow {
         let mut batch = classified(MIN_ROWS_FOR_PHASES + 1, &format!("({tag},0)"));
@@ -2115,7 +2146,9 @@ mod tests {
     #[test]
     fn schedule_moves_positions_in_order_after_splits() {
         // Each case lists the write attempts to split: with two writers the
-        // 4th is the first window's last phase and the 5th its head.
+        // 4th is the first window's last phase and the 5th its head. A writer
+        // alone writes five phases, so [5, 6] splits its first window's last
+        // phase and then that phase's head.
         let cases = [
             vec![4],
             vec![4, 5],
@@ -2128,6 +2161,7 @@ mod tests {
             .flat_map(|w| cases.clone().map(|s| (w, s)))
         {
             let written = drive(writers, 5, &splits);
+            let number = |label: &str| label.split('/').next().unwrap().parse::<usize>().unwrap();
             let of = phases_per_window(writers);
             let labels: Vec<String> = (1..=of).map(|number| format!("{number}/{of}")).collect();
             let last_write = |tag: usize| written.iter().rposition(|(t, _, _)| *t == tag).unwrap();
@@ -2135,7 +2169,7 @@ mod tests {
                 // A window's phases come in order.
                 let earlier = written[..row].iter().filter(|(t, _, _)| t == tag);
                 assert!(
-                    earlier.clone().all(|(_, p, _)| p <= phase),
+                    earlier.clone().all(|(_, p, _)| number(p) <= number(phase)),
                     "{splits:?}: phase {phase} of window {tag} out of order: {written:?}"
                 );
                 // A last phase waits for every older window to end.
