@@ -4,9 +4,10 @@
 usage: across_sizes.py RATES
 
 RATES is the tab-separated file bench/run.sh writes, a line per run: rows,
-build (or "floor"), scan order, writers, rows/s, and the floor's rows/s at
-that size. Prints a table with a line per setting: its rows/s at each size,
-the ratio to the floor beside it, and the rows/s at each later size as a
+build (or "floor"), scan order, writers, rows/s, the floor's rows/s at
+that size, and the scan order the run took ("-" for the floor). Prints a
+line per setting: its rows/s at each size with the ratio to the floor and
+the order taken beside it, and the rows/s at each later size as a
 share of the rows/s at the first. A cost per row that stays flat as the
 table grows keeps that share near 1.
 """
@@ -15,13 +16,13 @@ import sys
 
 
 def main(path):
-    sizes, settings, rates, floors = [], [], {}, {}
+    sizes, settings, rates, floors, taken = [], [], {}, {}, {}
     with open(path, encoding="utf-8") as lines:
         for line in lines:
             fields = line.rstrip("\n").split("\t")
-            if len(fields) != 6:
+            if len(fields) != 7:
                 continue
-            rows, build, order, writers, rate, floor = fields
+            rows, build, order, writers, rate, floor, chosen = fields
             rows, rate, floor = int(rows), int(rate), int(floor)
             if rows not in sizes:
                 sizes.append(rows)
@@ -31,10 +32,14 @@ def main(path):
             # A setting run twice at one size (a build listed twice) keeps its mean.
             rates.setdefault((setting, rows), []).append(rate)
             floors[(setting, rows)] = floor
+            taken.setdefault((setting, rows), set()).add(chosen)
     if len(sizes) < 2:
         return
     first = sizes[0]
-    print(f"across sizes: rows/s (x the floor at that size); share = rows/s at a size / rows/s at {first:,} rows")
+    print(
+        "across sizes: rows/s (x the floor at that size, order taken);"
+        f" share = rows/s at a size / rows/s at {first:,} rows"
+    )
     for setting in settings:
         build, order, writers = setting
         name = "floor" if build == "floor" else f"{build}, {order} order, {writers} writer(s)"
@@ -47,7 +52,8 @@ def main(path):
                 continue
             rate = sum(measured) / len(measured)
             ratio = rate / floors[(setting, rows)]
-            cells.append(f"{rows:,}: {rate:,.0f} ({ratio:.2f})")
+            orders = "/".join(sorted(taken[(setting, rows)] - {"-"}))
+            cells.append(f"{rows:,}: {rate:,.0f} ({ratio:.2f}{', ' + orders if orders else ''})")
             if rows == first:
                 base = rate
             elif base:

@@ -29,12 +29,18 @@
 #   BENCH_BINARIES paths of other builds to measure instead of the release
 #                  binary, each in turn after the same floor, for a side by side
 #                  comparison in one run (implies BENCH_NO_BUILD=1)
-# Needs psql, openssl, python3, cargo and GNU time (/usr/bin/time, Debian package `time`).
+# Needs psql, openssl, python3, cargo and GNU time (/usr/bin/time, Debian package `time`),
+# and PostgreSQL 14 or later (pg_stat_wal) with a superuser, because each
+# measurement resets the server's shared statistics (pg_stat_reset_shared).
 set -euo pipefail
 
-sizes=("${@:-1000000}")
-for rows in "${sizes[@]}"; do
-  case $rows in '' | *[!0-9]* | 0) echo "usage: $0 [ROWS ...], each a positive whole number" >&2; exit 2 ;; esac
+sizes=()
+for size in "${@:-1000000}"; do
+  case $size in '' | *[!0-9]*) echo "usage: $0 [ROWS ...], each a positive whole number" >&2; exit 2 ;; esac
+  size=$((10#$size))
+  [ "$size" -gt 0 ] || { echo "usage: $0 [ROWS ...], each a positive whole number" >&2; exit 2; }
+  case " ${sizes[*]} " in *" $size "*) echo "error: the size $size is given twice" >&2; exit 2 ;; esac
+  sizes+=("$size")
 done
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -106,25 +112,50 @@ SQL
 # Replaces `credentials` with a copy of the template and drops the checkpoint
 # schema, so that each run starts a new job.
 fresh() {
-  psql -q -v ON_ERROR_STOP=1 "$url" >/dev/null <<'SQL'
+  psql -q -v ON_ERROR_STOP=1 "$url" >/dev/null <<'SQL' || return 1
 DROP SCHEMA IF EXISTS reencrypt CASCADE;
 DROP TABLE IF EXISTS credentials;
 CREATE TABLE credentials (LIKE credentials_template INCLUDING ALL);
 INSERT INTO credentials SELECT * FROM credentials_template;
 SQL
-  psql -q "$url" -c "VACUUM ANALYZE credentials" -c "CHECKPOINT" \
-    -c "SELECT pg_stat_reset_shared('wal'), pg_stat_reset_shared('bgwriter')" >/dev/null
+  psql -q -v ON_ERROR_STOP=1 "$url" -c "VACUUM ANALYZE credentials" -c "CHECKPOINT" \
+    -c "SELECT $reset_statistics" >/dev/null
 }
+
+# PostgreSQL 17 moved the checkpoint counts to pg_stat_checkpointer and the
+# writes by backends to pg_stat_io.
+# NOTE: that branch has not been run: the benchmarks here ran on PostgreSQL 15.
+if [ "$(psql -qAt "$server/postgres" -c "SHOW server_version_num")" -ge 170000 ]; then
+  reset_statistics="pg_stat_reset_shared('wal'), pg_stat_reset_shared('checkpointer'), pg_stat_reset_shared('io')"
+  statistics="SELECT w.wal_bytes, w.wal_fpi, c.num_timed + c.num_requested,
+      (SELECT coalesce(sum(writes), 0) FROM pg_stat_io WHERE backend_type = 'client backend')
+    FROM pg_stat_wal AS w, pg_stat_checkpointer AS c"
+else
+  reset_statistics="pg_stat_reset_shared('wal'), pg_stat_reset_shared('bgwriter')"
+  statistics="SELECT w.wal_bytes, w.wal_fpi, b.checkpoints_timed + b.checkpoints_req, b.buffers_backend
+    FROM pg_stat_wal AS w, pg_stat_bgwriter AS b"
+fi
 
 # Prints the WAL, full-page images, checkpoints and buffers written by
 # backends since `fresh`.
 wal_figures() {
-  psql -qAt -F ' ' "$url" -c "SELECT w.wal_bytes, w.wal_fpi, b.checkpoints_timed + b.checkpoints_req, b.buffers_backend
-    FROM pg_stat_wal AS w, pg_stat_bgwriter AS b" |
+  psql -qAt -F ' ' "$url" -c "$statistics" |
     while read -r bytes fpi checkpoints backend; do
       printf '  WAL: %.0f MB, %.2f full-page images per row; checkpoints: %d; buffers written by backends: %d\n' \
         "$(python3 -c "print($bytes / 1e6)")" "$(python3 -c "print($fpi / $rows)")" "$checkpoints" "$backend"
     done
+}
+
+# Waits up to 10 s for the product's sessions to end, so that the server
+# has their statistics.
+product_sessions_ended() {
+  local tries
+  for tries in $(seq 1 100); do
+    [ "$(psql -qAt "$url" -c "SELECT count(*) FROM pg_stat_activity
+      WHERE datname = current_database() AND application_name = 'reencrypt'")" = 0 ] && return 0
+    sleep 0.1
+  done
+  echo "warning: the product's sessions were still open after $tries tries; its statistics may be incomplete" >&2
 }
 
 now() { date +%s.%N; }
@@ -139,15 +170,15 @@ readable_under_new() {
 
 # Measures the floor on a fresh copy of the template and sets floor_rate.
 floor() {
-  fresh
+  fresh || return 1
   local start end
   start=$(now)
-  psql -q "$url" -c "UPDATE credentials SET client_secret = client_secret || ''"
+  psql -q -v ON_ERROR_STOP=1 "$url" -c "UPDATE credentials SET client_secret = client_secret || ''" || return 1
   end=$(now)
   floor_rate=$(rate "$start" "$end")
   printf 'floor: one UPDATE over %d rows: %.2f s, %d rows/s\n' "$rows" "$(python3 -c "print($end - $start)")" "$floor_rate"
   wal_figures
-  printf '%s\tfloor\t-\t-\t%s\t%s\n' "$rows" "$floor_rate" "$floor_rate" >>"$work/rates.tsv"
+  printf '%s\tfloor\t-\t-\t%s\t%s\t-\n' "$rows" "$floor_rate" "$floor_rate" >>"$work/rates.tsv"
 }
 
 # Runs a build of the product with the given scan order and writer count and prints its figures.
@@ -155,7 +186,7 @@ measure() {
   local binary=$1 order=$2 writers=$3 n=$4
   local name="$work/$rows-$n-$order-$writers"
   local log="$name.log" summary="$name.json" timing="$name.time"
-  fresh
+  fresh || { echo "error: could not copy the template table" >&2; return 1; }
   local start end code=0
   start=$(now)
   # shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments.
@@ -171,13 +202,24 @@ measure() {
     tail -5 "$log" >&2
     return 1
   fi
-  local product_rate readable
+  local product_rate readable chosen
   product_rate=$(rate "$start" "$end")
+  # The order the run took, which `auto` chooses by the table's size.
+  chosen=$(python3 -c 'import json, sys
+for line in open(sys.argv[1], encoding="utf-8"):
+    if "Scan order." in line:
+        print(json.loads(line).get("order", "?"))
+        break
+else:
+    print("?")' "$log")
+  product_sessions_ended
+  # Read before the check below, whose scan of the table writes too.
+  local figures
+  figures=$(wal_figures)
   readable=$(readable_under_new)
-  printf 'product %s, %s order, %d writer(s): %.2f s, %d rows/s, %.2f x the floor, rows readable under the new key: %d of %d\n' \
-    "$binary" "$order" "$writers" "$(python3 -c "print($end - $start)")" "$product_rate" \
+  printf 'product %s, %s order (%s), %d writer(s): %.2f s, %d rows/s, %.2f x the floor, rows readable under the new key: %d of %d\n' \
+    "$binary" "$order" "$chosen" "$writers" "$(python3 -c "print($end - $start)")" "$product_rate" \
     "$(python3 -c "print($product_rate / $floor_rate)")" "$readable" "$rows"
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$rows" "$binary" "$order" "$writers" "$product_rate" "$floor_rate" >>"$work/rates.tsv"
   python3 "$here/batch_stats.py" "$log" "$start" "$end" "$timing"
   psql -qAt -F ' ' "$url" -c "SELECT n_tup_upd, n_tup_hot_upd, pg_size_pretty(pg_table_size('credentials'))
     FROM pg_stat_user_tables WHERE relid = 'credentials'::regclass" |
@@ -185,15 +227,19 @@ measure() {
       printf '  updates: %d, HOT: %d (%.0f%%), table after the run: %s\n' "$updates" "$hot" \
         "$(python3 -c "print(100 * $hot / max($updates, 1))")" "$size"
     done
-  wal_figures
+  echo "$figures"
   [ "$readable" -eq "$rows" ] || { echo "error: $((rows - readable)) rows do not read under the new key" >&2; return 1; }
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rows" "$binary" "$order" "$writers" "$product_rate" "$floor_rate" "$chosen" >>"$work/rates.tsv"
 }
 
 failed=0
 : >"$work/rates.tsv"
 for rows in "${sizes[@]}"; do
-  template
-  floor
+  if ! template || ! floor; then
+    echo "error: could not build or measure the floor at $rows rows; going on with the next size" >&2
+    failed=1
+    continue
+  fi
   for order in ${BENCH_ORDERS:-key}; do
     for writers in ${BENCH_WRITERS:-1}; do
       n=0
