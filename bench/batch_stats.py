@@ -63,7 +63,12 @@ def merge_phases(batches):
 
 
 def rates_by_fifth(batches, pass_start):
-    """Rows/s of each fifth of the pass's rows, from the times its batches committed."""
+    """Rows/s of each fifth of the pass's rows, from the times its batches committed.
+
+    A fifth ends at the batch that takes the rows past its share. When one
+    batch ends several fifths, as in a short pass, they share the rate of
+    the rows since the fifth before them ended.
+    """
     total = sum(float(b["rows"]) for b in batches)
     if total <= 0:
         return []
@@ -71,9 +76,11 @@ def rates_by_fifth(batches, pass_start):
     for batch in sorted(batches, key=lambda b: epoch(b["timestamp"])):
         done += float(batch["rows"])
         at = epoch(batch["timestamp"])
-        # A fifth ends at the batch that takes the rows past its share.
-        while len(rates) < 5 and done >= total * (len(rates) + 1) / 5:
-            rates.append((done - since_rows) / max(at - since, 1e-9))
+        ended = 0
+        while len(rates) + ended < 5 and done >= total * (len(rates) + ended + 1) / 5:
+            ended += 1
+        if ended:
+            rates.extend([(done - since_rows) / max(at - since, 1e-9)] * ended)
             since, since_rows = at, done
     return rates
 

@@ -54,9 +54,22 @@ build=1
 [ "${BENCH_NO_BUILD:-0}" != 1 ] && [ -z "${BENCH_BINARIES:-}" ] || build=0
 if [ "$build" = 0 ]; then
   for binary in "${binaries[@]}"; do
-    [ -x "$binary" ] || { echo "error: $binary is not an executable file; check BENCH_BINARIES" >&2; exit 2; }
+    [ -f "$binary" ] && [ -x "$binary" ] || { echo "error: $binary is not an executable file; check BENCH_BINARIES" >&2; exit 2; }
   done
 fi
+# The settings are checked before the tables are built.
+seen=" "
+for order in ${BENCH_ORDERS:-key}; do
+  case $order in auto | key | physical) ;; *) echo "error: BENCH_ORDERS lists '$order'; use auto, key or physical" >&2; exit 2 ;; esac
+  case $seen in *" $order "*) echo "error: BENCH_ORDERS lists '$order' twice" >&2; exit 2 ;; esac
+  seen+="$order "
+done
+seen=" "
+for writers in ${BENCH_WRITERS:-1}; do
+  case $writers in '' | *[!0-9]* | 0*) echo "error: BENCH_WRITERS lists '$writers'; use whole numbers from 1" >&2; exit 2 ;; esac
+  case $seen in *" $writers "*) echo "error: BENCH_WRITERS lists '$writers' twice" >&2; exit 2 ;; esac
+  seen+="$writers "
+done
 
 tools=(psql openssl python3 /usr/bin/time)
 [ "$build" = 0 ] || tools+=(cargo)
@@ -78,11 +91,16 @@ if [ "$build" = 1 ]; then
 fi
 export PGOPTIONS="-c client_min_messages=warning"
 
+psql -qAt "$server/postgres" -c "SELECT 1" >/dev/null || {
+  echo "error: cannot connect to $server/postgres; check BENCH_SERVER (a server URL without a database or trailing slash)" >&2
+  exit 2
+}
 psql -qAt "$server/postgres" -c "SELECT 1 FROM pg_database WHERE datname = 'reencrypt_bench'" | grep -q 1 ||
   psql -q "$server/postgres" -c "CREATE DATABASE reencrypt_bench"
 
 echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)," \
   "$(psql -qAt "$url" -c "SHOW server_version"), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "server $server: shared_buffers $(psql -qAt "$url" -c "SHOW shared_buffers"), max_wal_size $(psql -qAt "$url" -c "SHOW max_wal_size")"
 
 # Builds the template table of `rows` rows. It is encrypted once, and each
 # measurement starts from a copy of it, because copying is much faster than
@@ -161,11 +179,21 @@ product_sessions_ended() {
 now() { date +%s.%N; }
 rate() { python3 -c "print(round($rows / ($2 - $1)))"; }
 
-# Rows whose client_secret decrypts under the new key to the template's plaintext pattern.
+# Counts the rows whose client_secret decrypts under the new key to the
+# template's plaintext pattern. pgcrypto raises an error for a value that
+# does not decrypt, so each value is tried on its own.
 readable_under_new() {
-  psql -qAt "$url" -c "SELECT count(*) FROM credentials
-    WHERE convert_from(decrypt_iv(decode(split_part(client_secret, ':', 2), 'base64'), decode('$new_key', 'hex'),
-          decode(split_part(client_secret, ':', 1), 'base64'), 'aes-cbc/pad:pkcs'), 'UTF8') LIKE 'sk_live_%'"
+  psql -qAt -v ON_ERROR_STOP=1 "$url" <<SQL
+CREATE FUNCTION pg_temp.reads_under_new(value text) RETURNS boolean LANGUAGE plpgsql AS \$\$
+BEGIN
+  RETURN convert_from(decrypt_iv(decode(split_part(value, ':', 2), 'base64'), decode('$new_key', 'hex'),
+         decode(split_part(value, ':', 1), 'base64'), 'aes-cbc/pad:pkcs'), 'UTF8') LIKE 'sk_live_%';
+EXCEPTION WHEN others THEN
+  RETURN false;
+END
+\$\$;
+SELECT count(*) FROM credentials WHERE pg_temp.reads_under_new(client_secret);
+SQL
 }
 
 # Measures the floor on a fresh copy of the template and sets floor_rate.
@@ -198,8 +226,10 @@ measure() {
     >"$summary" 2>"$log" || code=$?
   end=$(now)
   if [ "$code" -ne 0 ]; then
-    echo "error: the product exited with $code. The end of its log follows, and BENCH_KEEP=DIR keeps the whole log." >&2
+    echo "error: $binary, $order order, $writers writer(s), $rows rows: the product exited with $code." \
+      "The end of its log follows, and BENCH_KEEP=DIR keeps the whole log." >&2
     tail -5 "$log" >&2
+    printf '%s\t%s\t%s\t%s\tfailed\t%s\t-\n' "$rows" "$binary" "$order" "$writers" "$floor_rate" >>"$work/rates.tsv"
     return 1
   fi
   local product_rate readable chosen
@@ -216,7 +246,12 @@ else:
   # Read before the check below, whose scan of the table writes too.
   local figures
   figures=$(wal_figures)
-  readable=$(readable_under_new)
+  readable=$(readable_under_new) || readable=""
+  if [ -z "$readable" ]; then
+    echo "error: $binary, $order order, $writers writer(s), $rows rows: could not count the rows readable under the new key" >&2
+    printf '%s\t%s\t%s\t%s\tfailed\t%s\t-\n' "$rows" "$binary" "$order" "$writers" "$floor_rate" >>"$work/rates.tsv"
+    return 1
+  fi
   printf 'product %s, %s order (%s), %d writer(s): %.2f s, %d rows/s, %.2f x the floor, rows readable under the new key: %d of %d\n' \
     "$binary" "$order" "$chosen" "$writers" "$(python3 -c "print($end - $start)")" "$product_rate" \
     "$(python3 -c "print($product_rate / $floor_rate)")" "$readable" "$rows"
@@ -228,7 +263,11 @@ else:
         "$(python3 -c "print(100 * $hot / max($updates, 1))")" "$size"
     done
   echo "$figures"
-  [ "$readable" -eq "$rows" ] || { echo "error: $((rows - readable)) rows do not read under the new key" >&2; return 1; }
+  if [ "$readable" -ne "$rows" ]; then
+    echo "error: $binary, $order order, $writers writer(s): $((rows - readable)) of $rows rows do not read under the new key" >&2
+    printf '%s\t%s\t%s\t%s\tfailed\t%s\t-\n' "$rows" "$binary" "$order" "$writers" "$floor_rate" >>"$work/rates.tsv"
+    return 1
+  fi
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rows" "$binary" "$order" "$writers" "$product_rate" "$floor_rate" "$chosen" >>"$work/rates.tsv"
 }
 

@@ -29,6 +29,11 @@ usage() {
   exit 2
 }
 case $action in start | stop) ;; *) usage ;; esac
+if [ "$action" = start ]; then
+  [ "$#" -le 2 ] || usage
+else
+  [ "$#" -le 1 ] || usage
+fi
 case $port in '' | *[!0-9]*) usage ;; esac
 
 # The newest installed server, unless pg_config names one.
