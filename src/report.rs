@@ -181,13 +181,18 @@ pub fn render_run(summary: &RunSummary) -> String {
     }
     if !summary.attention.is_empty() {
         let listed = summary.attention.len() as i64;
+        // Rows not in the format are listed too, but need no action, so the
+        // header says how many of the rows need attention, as `status` does.
+        let need = summary.attention_needs_action;
         if summary.attention_total > listed {
             out.push_str(&format!(
-                "rows left unchanged that need attention, the first {listed} of {} (target, key, outcome; `--report-limit` shows more):\n",
+                "rows left unchanged, the first {listed} of {}, of which {need} need attention (target, key, outcome; `--report-limit` shows more):\n",
                 summary.attention_total
             ));
         } else {
-            out.push_str("rows left unchanged that need attention (target, key, outcome):\n");
+            out.push_str(&format!(
+                "rows left unchanged, of which {need} need attention (target, key, outcome):\n"
+            ));
         }
         for (target, key, outcome) in &summary.attention {
             out.push_str(&format!("  {target}  {key}  {outcome}\n"));
@@ -682,7 +687,46 @@ pub const EVIDENCE_RECORD_VERSION: u32 = 1;
 
 #[cfg(test)]
 mod tests {
-    use super::account_name;
+    use super::{account_name, render_run, RunSummary};
+
+    #[test]
+    fn run_text_counts_rows_needing_attention() {
+        let listed = |outcome: &str, key: &str| {
+            ("t.secret".to_string(), key.to_string(), outcome.to_string())
+        };
+        let summary = RunSummary {
+            job: "job".to_string(),
+            job_finished: true,
+            started_at: chrono::Utc::now(),
+            finished_at: chrono::Utc::now(),
+            duration_seconds: 1.0,
+            targets: Vec::new(),
+            sweeps: 1,
+            sweep_last_found: 0,
+            sweeps_off: false,
+            counts_before: None,
+            attention: vec![listed("undecryptable", "7"), listed("not_in_format", "9")],
+            attention_total: 5,
+            attention_needs_action: 1,
+            key_fingerprints: Default::default(),
+        };
+        let text = render_run(&summary);
+        assert!(
+            text.contains("rows left unchanged, the first 2 of 5, of which 1 need attention"),
+            "{text}"
+        );
+        assert!(text.contains("  t.secret  9  not_in_format\n"), "{text}");
+
+        let all_listed = RunSummary {
+            attention_total: 2,
+            ..summary
+        };
+        let text = render_run(&all_listed);
+        assert!(
+            text.contains("rows left unchanged, of which 1 need attention (target, key, outcome):"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn account_name_reads_passwd_lines() {
