@@ -4,7 +4,7 @@
 #   bench/run.sh [ROWS ...]        (default 1000000)
 #
 # Given several sizes, it measures them in turn in one invocation, and ends
-# with each setting's rows/s at every size and its ratio to the first size.
+# with each setting's rows/s at every size as a share of the first size's.
 #
 # Builds a `credentials` table shaped like the application's (uuid key, a
 # client_secret of about 113 characters encrypted under a random old key
@@ -34,11 +34,15 @@
 # measurement resets the server's shared statistics (pg_stat_reset_shared).
 set -euo pipefail
 
+usage() {
+  echo "usage: $0 [ROWS ...], each a positive whole number" >&2
+  exit 2
+}
 sizes=()
 for size in "${@:-1000000}"; do
-  case $size in '' | *[!0-9]*) echo "usage: $0 [ROWS ...], each a positive whole number" >&2; exit 2 ;; esac
+  case $size in '' | *[!0-9]*) usage ;; esac
   size=$((10#$size))
-  [ "$size" -gt 0 ] || { echo "usage: $0 [ROWS ...], each a positive whole number" >&2; exit 2; }
+  [ "$size" -gt 0 ] || usage
   case " ${sizes[*]} " in *" $size "*) echo "error: the size $size is given twice" >&2; exit 2 ;; esac
   sizes+=("$size")
 done
@@ -166,14 +170,20 @@ wal_figures() {
 
 # Waits up to 10 s for the product's sessions to end, so that the server
 # has their statistics.
-product_sessions_ended() {
-  local tries
-  for tries in $(seq 1 100); do
+wait_for_product_sessions() {
+  local _
+  for _ in $(seq 1 100); do
     [ "$(psql -qAt "$url" -c "SELECT count(*) FROM pg_stat_activity
       WHERE datname = current_database() AND application_name = 'reencrypt'")" = 0 ] && return 0
     sleep 0.1
   done
-  echo "warning: the product's sessions were still open after $tries tries; its statistics may be incomplete" >&2
+  echo "warning: the product's sessions were still open after 10 s; its WAL and write figures may be incomplete" >&2
+}
+
+# Records a failed run of a setting, which the cross-size table shows as failed.
+record_failure() {
+  local binary=$1 order=$2 writers=$3
+  printf '%s\t%s\t%s\t%s\tfailed\t%s\t-\n' "$rows" "$binary" "$order" "$writers" "$floor_rate" >>"$work/rates.tsv"
 }
 
 now() { date +%s.%N; }
@@ -229,7 +239,7 @@ measure() {
     echo "error: $binary, $order order, $writers writer(s), $rows rows: the product exited with $code." \
       "The end of its log follows, and BENCH_KEEP=DIR keeps the whole log." >&2
     tail -5 "$log" >&2
-    printf '%s\t%s\t%s\t%s\tfailed\t%s\t-\n' "$rows" "$binary" "$order" "$writers" "$floor_rate" >>"$work/rates.tsv"
+    record_failure "$binary" "$order" "$writers"
     return 1
   fi
   local product_rate readable chosen
@@ -242,14 +252,14 @@ for line in open(sys.argv[1], encoding="utf-8"):
         break
 else:
     print("?")' "$log")
-  product_sessions_ended
+  wait_for_product_sessions
   # Read before the check below, whose scan of the table writes too.
   local figures
   figures=$(wal_figures)
   readable=$(readable_under_new) || readable=""
   if [ -z "$readable" ]; then
     echo "error: $binary, $order order, $writers writer(s), $rows rows: could not count the rows readable under the new key" >&2
-    printf '%s\t%s\t%s\t%s\tfailed\t%s\t-\n' "$rows" "$binary" "$order" "$writers" "$floor_rate" >>"$work/rates.tsv"
+    record_failure "$binary" "$order" "$writers"
     return 1
   fi
   printf 'product %s, %s order (%s), %d writer(s): %.2f s, %d rows/s, %.2f x the floor, rows readable under the new key: %d of %d\n' \
@@ -265,7 +275,7 @@ else:
   echo "$figures"
   if [ "$readable" -ne "$rows" ]; then
     echo "error: $binary, $order order, $writers writer(s): $((rows - readable)) of $rows rows do not read under the new key" >&2
-    printf '%s\t%s\t%s\t%s\tfailed\t%s\t-\n' "$rows" "$binary" "$order" "$writers" "$floor_rate" >>"$work/rates.tsv"
+    record_failure "$binary" "$order" "$writers"
     return 1
   fi
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rows" "$binary" "$order" "$writers" "$product_rate" "$floor_rate" "$chosen" >>"$work/rates.tsv"

@@ -39,8 +39,7 @@ case $port in '' | *[!0-9]*) usage ;; esac
 # The newest installed server, unless pg_config names one.
 bin=$(pg_config --bindir 2>/dev/null || true)
 if [ ! -x "$bin/initdb" ]; then
-  newest=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
-  bin=$newest
+  bin=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
 fi
 [ -x "$bin/initdb" ] || { echo "error: initdb not found; install PostgreSQL's server package" >&2; exit 2; }
 

@@ -401,13 +401,19 @@ fn phases_per_window(writers: usize) -> usize {
     if writers > 1 {
         PHASES_BESIDE_OTHERS
     } else {
-        5
+        PHASES_ALONE
     }
 }
 
-/// Number of phases per window of a writer beside others, and of windows it
-/// keeps open at once (see `WriteSchedule`).
+/// Number of phases per window of a writer alone.
+const PHASES_ALONE: usize = 5;
+
+/// Number of phases per window of a writer beside others.
 const PHASES_BESIDE_OTHERS: usize = 3;
+
+/// Number of windows a writer beside others keeps open at once (see
+/// `WriteSchedule`).
+const OPEN_WINDOWS_BESIDE_OTHERS: usize = 3;
 
 /// Rows to rewrite below which a window is written in one transaction.
 const MIN_ROWS_FOR_PHASES: usize = 64;
@@ -559,10 +565,10 @@ impl ClassifiedBatch {
     }
 }
 
-/// Returns the batch size to read next after a write of `rows` rows timed
-/// out: half the rows of a window whose phases are each that large, so that
-/// the next window's phases are half as large, and no fewer than `min_rows`.
-/// `read_rows` is the size of the window the write belongs to.
+/// Returns the batch size to read after a write of `rows` rows timed out:
+/// half its window, so that each phase of the next window is half as large.
+/// A phase of `of` counts as `rows * of` rows, at most `read_rows`, the
+/// size of the window it came from. The result is at least `min_rows`.
 fn rows_after_timeout(phase: Phase, rows: usize, read_rows: usize, min_rows: usize) -> usize {
     let window_rows = match phase {
         Phase::Whole => rows,
@@ -629,7 +635,11 @@ impl WriteSchedule {
     fn new(writers: usize) -> WriteSchedule {
         WriteSchedule {
             open: VecDeque::new(),
-            max_open: if writers > 1 { PHASES_BESIDE_OTHERS } else { 1 },
+            max_open: if writers > 1 {
+                OPEN_WINDOWS_BESIDE_OTHERS
+            } else {
+                1
+            },
             phases: phases_per_window(writers),
             turn: 0,
         }
@@ -2071,8 +2081,13 @@ mod tests {
         assert_eq!(rows_after_timeout(part(5), 4000, 10_000, 10), 5000);
         assert_eq!(rows_after_timeout(Phase::Whole, 800, 800, 10), 400);
         assert_eq!(rows_after_timeout(Phase::Whole, 15, 15, 10), 10);
+    }
+
+    #[test]
+    fn phases_depend_on_writers() {
         assert_eq!(phases_per_window(1), 5);
-        assert_eq!(phases_per_window(2), PHASES_BESIDE_OTHERS);
+        assert_eq!(phases_per_window(2), 3);
+        assert_eq!(phases_per_window(8), 3);
     }
 
     /// Builds a window of `phases` phases, tagged `tag` in `read_rows`.
