@@ -395,7 +395,15 @@ async fn dry_run_order_and_rejections() {
     let reason = plan["targets"][0]["scan_order_reason"]
         .as_str()
         .unwrap_or_default();
-    assert!(reason.contains("times shared_buffers"), "{text}");
+    assert!(reason.contains("for 2 times shared_buffers"), "{text}");
+    // With several writers, physical order pays on a smaller table.
+    let (code, plan, text) = dry_run("t.secret", &["--writers", "2"]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(plan["targets"][0]["scan_order"], "key", "{text}");
+    let reason = plan["targets"][0]["scan_order_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("for 1.2 times shared_buffers"), "{text}");
     assert_eq!(order_of(&["--scan-order", "key"]), "key");
     assert_eq!(order_of(&PHYSICAL), "physical");
 
