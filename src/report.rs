@@ -398,8 +398,13 @@ pub fn render_plan(keys: &KeyEvidence, targets: &[PlanTarget]) -> String {
         .map(|t| {
             vec![
                 t.scan.target.clone(),
-                t.scan.key_columns.join(", "),
-                t.scan.index.clone(),
+                t.scan
+                    .key_columns
+                    .iter()
+                    .map(|column| crate::target::display_ident(column))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                crate::target::display_ident(&t.scan.index),
                 order_name(t.order.order).to_string(),
                 format!("{:.0}", t.scan.rows_per_second),
                 format_seconds(t.estimated_seconds),

@@ -263,8 +263,11 @@ impl fmt::Display for Target {
     }
 }
 
-/// Shows an identifier bare when PostgreSQL would read it back unchanged.
-fn display_ident(name: &str) -> String {
+/// Shows an identifier bare when it has only lower-case letters, digits and
+/// underscores, and quoted otherwise, so that `--target` reads it back
+/// unchanged. NOTE: a reserved word such as `order` stays bare, which SQL
+/// would not read as a name.
+pub fn display_ident(name: &str) -> String {
     let plain = name
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')

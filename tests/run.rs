@@ -663,6 +663,35 @@ async fn key_types_and_quoted_identifiers() {
         "by_pair.v",
         "by_int.v",
     ];
+
+    // `plan` shows each paging key and its index as they would be typed
+    // in SQL.
+    let mut plan = common::binary();
+    plan.args(["plan", "--database-url", &db.url])
+        .arg("--old-key-file")
+        .arg(&old.path)
+        .arg("--new-key-file")
+        .arg(&new.path);
+    for target in targets {
+        plan.args(["--target", target]);
+    }
+    let output = plan.output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    let paging_row = |target: &str| {
+        text.lines()
+            .skip_while(|line| !line.contains("paging key"))
+            .find(|line| line.trim_start().starts_with(target))
+            .unwrap_or_else(|| panic!("no paging row for {target} in {text}"))
+            .to_string()
+    };
+    let quoted = paging_row("acc.\"Webhook Configs\"");
+    assert!(quoted.contains(" \"Id\" "), "{text}");
+    assert!(quoted.contains(" \"Webhook Configs_pkey\" "), "{text}");
+    assert!(
+        paging_row("public.by_pair").contains(" tenant, name "),
+        "{text}"
+    );
     let (code, summary, text) =
         run_json(run_command(&db, &targets, &[&old.path], &new.path).args(["--batch-size", "37"]));
     assert_eq!(code, 0, "{text}");
