@@ -240,6 +240,17 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
     }
     let sample = plan.sample;
     let resumes = resumed.map(|job| job.job);
+    let lease = match (plan.resume, &resumes) {
+        (Some(args), Some(job)) => crate::lease::read_unexpired(
+            &prepared.settings.db,
+            &args.database.schema,
+            job,
+            args.shard_index as i32,
+        )
+        .await
+        .map_err(|e| Failure::from_database("cannot read the job's lease", &e))?,
+        _ => None,
+    };
     let mut planned = Vec::with_capacity(prepared.targets.len());
     for (target, order) in prepared.targets.iter().zip(orders) {
         let scan = match sample {
@@ -266,12 +277,30 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
             if let Some(job) = &resumes {
                 println!("\nThe run resumes job {job}.");
             }
+            match &lease {
+                Some(busy) if busy.is_gone_from_this_host() => println!(
+                    "It would take over the lease of shard {} from pid {}, which ran on this host and is gone.",
+                    busy.shard, busy.pid
+                ),
+                Some(busy) => println!("A run now would not start: {busy}."),
+                None => {}
+            }
         }
         OutputFormat::Json => {
             let mut value = plan_json(&keys, &planned);
             if plan.resume.is_some() {
                 value["command"] = serde_json::json!("run --dry-run");
                 value["resumes_job"] = serde_json::json!(resumes);
+                value["lease"] = match &lease {
+                    Some(busy) => serde_json::json!({
+                        "shard": busy.shard,
+                        "host": busy.host,
+                        "pid": busy.pid,
+                        "heartbeat_age_secs": busy.heartbeat_age_secs,
+                        "would_take_over": busy.is_gone_from_this_host(),
+                    }),
+                    None => serde_json::Value::Null,
+                };
             }
             print_json(&value);
         }

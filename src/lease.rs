@@ -100,6 +100,42 @@ async fn try_acquire(
     Ok(Some(current))
 }
 
+/// Reads the unexpired lease on a job's shard, for a dry run to tell
+/// whether a run now would find the shard taken.
+pub async fn read_unexpired(
+    db: &Database,
+    schema: &str,
+    job: &str,
+    shard: i32,
+) -> Result<Option<Busy>, sqlx::Error> {
+    let q = quote_ident(schema);
+    let mut tx = db.begin_read_only().await?;
+    let lease: Option<(String, i32, i64)> = sqlx::query_as(&format!(
+        "SELECT host, pid, extract(epoch FROM now() - heartbeat_at)::int8 \
+         FROM {q}.leases WHERE job = $1 AND shard = $2 AND expires_at > now()"
+    ))
+    .bind(job)
+    .bind(shard)
+    .fetch_optional(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(lease.map(|(host, pid, heartbeat_age_secs)| Busy {
+        job: job.to_string(),
+        shard,
+        host,
+        pid,
+        heartbeat_age_secs,
+    }))
+}
+
+impl Busy {
+    /// Tells whether the lease's runner ran on this host and is gone, so
+    /// that a run here would take the lease over at once (see `acquire`).
+    pub fn is_gone_from_this_host(&self) -> bool {
+        self.host == crate::report::host_name() && !process_alive(self.pid)
+    }
+}
+
 /// Takes the lease of a job's shard.
 ///
 /// A lease left by a process that is gone is taken over: at once when that

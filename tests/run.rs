@@ -936,8 +936,30 @@ async fn second_runner_of_a_job_is_refused() {
     assert_eq!(output.status.code(), Some(1), "{text}");
     assert!(text.contains("already running"), "{text}");
 
+    // A dry run tells of the lease, in JSON and in text.
+    let (code, plan, text) =
+        run_json(run_command(&db, &["t.secret"], &[&old.path], &new.path).arg("--dry-run"));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(plan["lease"]["pid"], i64::from(first.id()), "{text}");
+    assert_eq!(plan["lease"]["shard"], 0, "{text}");
+    assert_eq!(plan["lease"]["would_take_over"], false, "{text}");
+    let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("A run now would not start: job "), "{text}");
+    assert!(text.contains(&format!("(pid {}", first.id())), "{text}");
+
     first.kill().unwrap();
     first.wait().unwrap();
+
+    // Once the runner is gone, the dry run says the lease would be taken over.
+    let (code, plan, text) =
+        run_json(run_command(&db, &["t.secret"], &[&old.path], &new.path).arg("--dry-run"));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(plan["lease"]["would_take_over"], true, "{text}");
     // The killed runner's lease is taken over at once on the same host.
     let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
         .output()
