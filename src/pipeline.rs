@@ -347,7 +347,8 @@ fn deal<T>(items: Vec<T>, part_of: &[usize], parts: usize) -> Vec<Vec<T>> {
 /// several transactions (`phases_per_window`) cuts those inserts to one row
 /// in that many. The first rewrites one row in that many of those that
 /// need it on each page, those with the lowest keys (`phase_of_rows`), and
-/// counts only those. A read of the
+/// counts only those. A page with fewer such rows than phases has one in
+/// the first phase. A read of the
 /// window then prunes the old versions they left, and the next phase
 /// rewrites as many rows again into the room that made, and so on. The last
 /// phase also counts the rows with nothing to write. So a resumed pass that
@@ -529,16 +530,25 @@ impl ClassifiedBatch {
                 >= MIN_ROWS_FOR_PHASES
     }
 
-    /// Splits a window into `of` phases, in the order they are written (see
-    /// `Phase`).
+    /// Splits a window into at most `of` phases, in the order they are
+    /// written (see `Phase`). A phase left empty, as when every page has
+    /// fewer rows to rewrite than there are phases, is left out, except the
+    /// last, which carries the window's end.
     fn into_phases(self, of: usize) -> Vec<ClassifiedBatch> {
         let part_of = phase_of_rows(&self.batch, &self.decisions, of);
         let decisions = deal(self.decisions, &part_of, of);
         let batches = self.batch.deal_out(&part_of, of);
-        let mut crypto_seconds = self.crypto_seconds;
-        batches
+        let parts: Vec<(Batch, Vec<Decision>)> = batches
             .into_iter()
             .zip(decisions)
+            .enumerate()
+            .filter(|(part, (batch, _))| batch.len() > 0 || part + 1 == of)
+            .map(|(_, part)| part)
+            .collect();
+        let written = parts.len();
+        let mut crypto_seconds = self.crypto_seconds;
+        parts
+            .into_iter()
             .enumerate()
             .map(|(part, (batch, decisions))| ClassifiedBatch {
                 batch,
@@ -546,7 +556,7 @@ impl ClassifiedBatch {
                 crypto_seconds: std::mem::take(&mut crypto_seconds),
                 phase: Phase::Part {
                     number: part + 1,
-                    of,
+                    of: written,
                     revisit: part > 0,
                 },
                 read_rows: self.read_rows,
@@ -559,12 +569,15 @@ impl ClassifiedBatch {
 /// phases goes to (see `Phase`). On each page, the rows to rewrite go to
 /// the phases by their key's rank among that page's rows: the lowest
 /// `1/of` first, then the next, and so on. The first phase's rows are the
-/// ones that move to other pages, so they add the index entries. As the
-/// lowest keys of every page, they all fall in the lowest part of the key's
-/// index, which stays in the server's cache better than the whole index.
-/// With five phases and random uuids, at 5M rows and 128 MiB of shared
-/// buffers, the server's backends wrote half as many buffers themselves.
-/// The rows with nothing to write go to the last phase, which counts them.
+/// ones that move to other pages, so they add the index entries. Where
+/// keys lie in random order on the pages, as uuids do, the lowest keys of
+/// every page fall mostly in the lowest part of the key's index, which
+/// stays in the server's cache better than the whole index. With five
+/// phases and random uuids, at 5M rows and 128 MiB of shared buffers, the
+/// server's backends wrote half as many buffers themselves. For keys loaded
+/// in key order, such as serial ones, the first phase's entries spread over
+/// the index as before. The rows with nothing to write go to the last
+/// phase, which counts them.
 fn phase_of_rows(batch: &Batch, decisions: &[Decision], of: usize) -> Vec<usize> {
     let mut part_of = vec![of - 1; decisions.len()];
     let rewrites: Vec<usize> = (0..decisions.len())
@@ -576,7 +589,7 @@ fn phase_of_rows(batch: &Batch, decisions: &[Decision], of: usize) -> Vec<usize>
     };
     for rows in rewrites.chunk_by(|&a, &b| page(a) == page(b)) {
         let mut ranked = rows.to_vec();
-        ranked.sort_by(|&a, &b| compare_keys(&batch.keys, a, b));
+        ranked.sort_by_cached_key(|&row| index_order_key(&batch.keys, row));
         for (rank, &row) in ranked.iter().enumerate() {
             part_of[row] = rank * of / ranked.len();
         }
@@ -584,21 +597,21 @@ fn phase_of_rows(batch: &Batch, decisions: &[Decision], of: usize) -> Vec<usize>
     part_of
 }
 
-/// Compares the keys of rows `a` and `b` in an order close to the index's:
-/// column by column, as numbers where both are integers, else byte by byte
-/// (which is the order of uuids in their text form). Only the placement of
-/// index entries depends on it, never which rows are written.
-fn compare_keys(keys: &[Vec<String>], a: usize, b: usize) -> std::cmp::Ordering {
+/// Returns a sort key for row `row` in an order close to the key's index:
+/// column by column, integers first and by value, then other values byte
+/// by byte (which is the order of uuids in their text form). It is a total
+/// order whatever the texts. Only the placement of index entries depends
+/// on it, never which rows are written.
+fn index_order_key(keys: &[Vec<String>], row: usize) -> Vec<(bool, i128, &str)> {
     keys.iter()
         .map(|column| {
-            let (left, right) = (&column[a], &column[b]);
-            match (left.parse::<i128>(), right.parse::<i128>()) {
-                (Ok(left), Ok(right)) => left.cmp(&right),
-                _ => left.cmp(right),
+            let text = column[row].as_str();
+            match text.parse::<i128>() {
+                Ok(number) => (false, number, text),
+                Err(_) => (true, 0, text),
             }
         })
-        .find(|order| order.is_ne())
-        .unwrap_or(std::cmp::Ordering::Equal)
+        .collect()
 }
 
 /// Returns the batch size to read after a write of `rows` rows timed out:
@@ -2140,6 +2153,49 @@ mod tests {
             .keys
             .push(["x", "z", "y", "w"].map(String::from).to_vec());
         assert_eq!(phase_of_rows(&window, &vec![rewrite; 4], 4), [2, 1, 0, 3]);
+    }
+
+    #[test]
+    fn phases_sort_mixed_keys() {
+        // Integers and other texts in one column, on one page: the sort
+        // needs a total order, which comparing integers as numbers and the
+        // rest as bytes, pair by pair, would not be ("2" < "10" < "10.5" <
+        // "2").
+        let mut keys: Vec<String> = (0..30).map(|i| ((i * 7) % 30).to_string()).collect();
+        keys.extend((0..28).map(|i| format!("{i}.5")));
+        keys.push("1234567890123456789012345678901234567890".to_string());
+        keys.push("abc".to_string());
+        let window = batch(&keys.iter().map(String::as_str).collect::<Vec<_>>(), true);
+        let rewrite = Decision {
+            outcome: Outcome::Reencrypted,
+            new_value: Some("new".to_string()),
+            old_key_index: Some(0),
+        };
+        let part_of = phase_of_rows(&window, &vec![rewrite; keys.len()], 2);
+        // The 30 integers come first, so they make the first half.
+        for (row, key) in keys.iter().enumerate() {
+            let integer = key.parse::<i128>().is_ok();
+            assert_eq!(part_of[row], usize::from(!integer), "{key}");
+        }
+    }
+
+    #[test]
+    fn empty_phases_are_left_out() {
+        // One row on each page: every row goes to the first phase, and the
+        // last, empty, keeps the window's end.
+        let mut window = classified(MIN_ROWS_FOR_PHASES + 1, "(99,0)");
+        window.batch.positions = (0..window.batch.len())
+            .map(|page| format!("({page},1)"))
+            .collect();
+        let phases = window.into_phases(5);
+        assert_eq!(phases.len(), 2);
+        assert_eq!(phases[0].batch.len(), MIN_ROWS_FOR_PHASES + 1);
+        assert_eq!(phases[0].phase.label(), "1/2");
+        assert!(phases[0].batch.end.is_empty());
+        assert_eq!(phases[1].batch.len(), 0);
+        assert_eq!(phases[1].phase.label(), "2/2");
+        assert!(phases[1].phase.is_final());
+        assert_eq!(phases[1].batch.end, vec!["(99,0)".to_string()]);
     }
 
     #[test]
