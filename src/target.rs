@@ -346,21 +346,25 @@ impl Target {
         .await?;
 
         // Column and its type; a domain counts as the type it is based on.
-        let column_type: Option<(String,)> = sqlx::query_as(
+        // The declared type is kept for the error message.
+        let column_type: Option<(String, String)> = sqlx::query_as(
             "WITH RECURSIVE base AS ( \
                SELECT a.atttypid AS oid FROM pg_attribute a \
                WHERE a.attrelid = $1::oid AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
                UNION ALL \
                SELECT t.typbasetype FROM pg_type t JOIN base ON t.oid = base.oid WHERE t.typtype = 'd' \
              ) \
-             SELECT format_type(base.oid, NULL) FROM base JOIN pg_type t ON t.oid = base.oid \
+             SELECT format_type(base.oid, NULL), \
+                    (SELECT format_type(a.atttypid, NULL) FROM pg_attribute a \
+                     WHERE a.attrelid = $1::oid AND a.attname = $2) \
+             FROM base JOIN pg_type t ON t.oid = base.oid \
              WHERE t.typtype <> 'd'",
         )
         .bind(oid)
         .bind(&spec.column)
         .fetch_optional(&mut *conn)
         .await?;
-        let Some((type_name,)) = column_type else {
+        let Some((type_name, declared_type)) = column_type else {
             return Err(TargetError::ColumnNotFound {
                 table: display,
                 column: spec.column.clone(),
@@ -368,6 +372,11 @@ impl Target {
             .into());
         };
         if !TEXT_TYPES.contains(&type_name.as_str()) {
+            let type_name = if declared_type == type_name {
+                type_name
+            } else {
+                format!("{declared_type} (a domain over {type_name})")
+            };
             return Err(TargetError::NotText {
                 table: display,
                 column: spec.column.clone(),

@@ -734,7 +734,8 @@ async fn bad_input_exits_2_and_writes_nothing() {
     let old = KeyFile::generate();
     let new = KeyFile::generate();
     db.exec(
-        "CREATE TABLE t (id int PRIMARY KEY, secret text, amount int,
+        "CREATE DOMAIN cents AS integer;
+         CREATE TABLE t (id int PRIMARY KEY, secret text, amount int, price cents,
              shown text GENERATED ALWAYS AS (upper(secret)) STORED);
          CREATE TABLE nokey (secret text);
          CREATE VIEW v AS SELECT * FROM t;",
@@ -789,6 +790,11 @@ async fn bad_input_exits_2_and_writes_nothing() {
             "non-text column",
             args(&["t.amount"], &old.path, &new.path),
             "has type integer",
+        ),
+        (
+            "domain over a non-text type",
+            args(&["t.price"], &old.path, &new.path),
+            "has type cents (a domain over integer)",
         ),
         (
             "unique key of a table no target is in",
