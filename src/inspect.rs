@@ -282,7 +282,7 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
                     "It would take over the lease of shard {} from pid {}, which ran on this host and is gone.",
                     busy.shard, busy.pid
                 ),
-                Some(busy) => println!("A run now would not start: {busy}."),
+                Some(busy) => println!("The job's lease is held, so a run now would stop or wait: {busy}."),
                 None => {}
             }
         }

@@ -955,7 +955,10 @@ async fn second_runner_of_a_job_is_refused() {
         .unwrap();
     let text = output_text(&output);
     assert_eq!(output.status.code(), Some(0), "{text}");
-    assert!(text.contains("A run now would not start: job "), "{text}");
+    assert!(
+        text.contains("lease is held, so a run now would stop or wait: job "),
+        "{text}"
+    );
     assert!(text.contains(&format!("(pid {}", first.id())), "{text}");
 
     first.kill().unwrap();
