@@ -20,7 +20,7 @@ use crate::classify::{Decision, Keyring, Outcome};
 use crate::db::{self, Database, TransientKind};
 use crate::lease::Holder;
 use crate::metrics;
-use crate::statements::{key_label, Statements};
+use crate::statements::{display_key, key_label, Statements};
 use crate::throttle::Throttle;
 
 /// Settings shared by every range of a run.
@@ -849,7 +849,7 @@ pub async fn run_range(
                     if next == after {
                         permit.send(Err(RangeError::Database(format!(
                         "the paging key did not advance past {}; the key's type may not round-trip through text",
-                        next.as_deref().map(key_label).unwrap_or_default()
+                        display_key(&next.as_deref().map(key_label).unwrap_or_default())
                     ))));
                         return false;
                     }
@@ -1832,7 +1832,7 @@ async fn write_rows<'a>(
         Err(error) if db::is_row_error(&error) => {
             savepoint.rollback().await?;
             if rows.len() == 1 {
-                tracing::warn!(key = %key_label(&batch.key_of(rows[0])), error = %db::describe(&error), "The database rejected the new value of a row; the row is left unchanged.");
+                tracing::warn!(key = %display_key(&key_label(&batch.key_of(rows[0]))), error = %db::describe(&error), "The database rejected the new value of a row; the row is left unchanged.");
                 outcomes[rows[0]] = Outcome::WriteRejected;
                 return Ok(Vec::new());
             }
@@ -1883,7 +1883,7 @@ async fn update<'a>(
     for (ord, stored_as_written) in returned {
         let row = rows[(ord - 1) as usize];
         if !stored_as_written {
-            tracing::warn!(key = %key_label(&batch.key_of(row)), "The row contains another value than the one written, so a trigger changed it; the write is undone and the row left unchanged.");
+            tracing::warn!(key = %display_key(&key_label(&batch.key_of(row))), "The row contains another value than the one written, so a trigger changed it; the write is undone and the row left unchanged.");
             outcomes[row] = Outcome::WriteRejected;
         }
         written.push(row);
@@ -1977,7 +1977,7 @@ async fn resolve_conflicts(
         {
             // The row is locked and still contains the value read, so the
             // UPDATE matched it and a trigger or rule skipped the change.
-            tracing::warn!(key = %key_label(&batch.key_of(*row)), "The database did not apply the update to the row (a trigger or rule skipped it); the row is left unchanged.");
+            tracing::warn!(key = %display_key(&key_label(&batch.key_of(*row))), "The database did not apply the update to the row (a trigger or rule skipped it); the row is left unchanged.");
             outcomes[*row] = Outcome::WriteRejected;
         }
     }

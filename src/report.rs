@@ -195,6 +195,7 @@ pub fn render_run(summary: &RunSummary) -> String {
             ));
         }
         for (target, key, outcome) in &summary.attention {
+            let key = crate::statements::display_key(key);
             out.push_str(&format!("  {target}  {key}  {outcome}\n"));
         }
     }
@@ -463,7 +464,10 @@ pub fn render_plan(keys: &KeyEvidence, targets: &[PlanTarget]) -> String {
                 out.push_str(&format!(
                     "{}: {outcome} keys (at most --report-limit): {}\n",
                     target.scan.target,
-                    keys.join(", ")
+                    keys.iter()
+                        .map(|key| crate::statements::display_key(key))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             }
         }
@@ -509,7 +513,13 @@ pub fn render_verify(
         ));
         let cells: Vec<Vec<String>> = listed
             .iter()
-            .map(|a| vec![a.target.clone(), a.key.clone(), a.outcome.clone()])
+            .map(|a| {
+                vec![
+                    a.target.clone(),
+                    crate::statements::display_key(&a.key),
+                    a.outcome.clone(),
+                ]
+            })
             .collect();
         out.push_str(&table(&["target", "key", "outcome"], &cells));
     }

@@ -1320,7 +1320,7 @@ async fn rotate_all(
                         physical,
                     };
                     // The range's first key, or where an earlier run stopped.
-                    let after = work.after.as_ref().map(|k| crate::statements::key_label(k)).unwrap_or_default();
+                    let after = work.after.as_ref().map(|k| crate::statements::display_key(&crate::statements::key_label(k))).unwrap_or_default();
                     tracing::info!(target = %label, range = range.range_index, after = %after, resumed = range.last_key.is_some(), "Range started.");
                     let start = work.after.clone();
                     let outcome = pipeline::run_range(settings, statements, work, Pass::Main).await?;

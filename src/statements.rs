@@ -265,11 +265,49 @@ impl Statements {
     }
 }
 
+/// Returns a key's label (see `key_label`) for text meant for a terminal or
+/// a log line. A label that is empty, starts with a double quote, or
+/// contains a control character is shown quoted and escaped, so that it can
+/// neither hide nor forge lines. Others are shown as they are.
+/// NOTE: a one-column key whose text is a JSON array of strings still looks
+/// like a composite key, and one with a comma like two keys in a list.
+pub fn display_key(label: &str) -> String {
+    let plain =
+        !label.is_empty() && !label.starts_with('"') && !label.chars().any(char::is_control);
+    if plain {
+        label.to_string()
+    } else {
+        format!("\"{}\"", label.escape_debug())
+    }
+}
+
 /// Formats a key for reports: a one-column key as its text, a composite key as a JSON array.
 pub fn key_label(parts: &[String]) -> String {
     if parts.len() == 1 {
         parts[0].clone()
     } else {
         serde_json::to_string(parts).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_key_escapes_what_could_forge_lines() {
+        assert_eq!(
+            display_key("8f14e45f-ceea-467f-a8f4-2b1b1c1d1e1f"),
+            "8f14e45f-ceea-467f-a8f4-2b1b1c1d1e1f"
+        );
+        assert_eq!(display_key("key 1 ü"), "key 1 ü");
+        assert_eq!(display_key(r#"["1","n1"]"#), r#"["1","n1"]"#);
+        assert_eq!(display_key(""), r#""""#);
+        assert_eq!(
+            display_key("fake\n  public.t.secret  999  ambiguous"),
+            r#""fake\n  public.t.secret  999  ambiguous""#
+        );
+        assert_eq!(display_key("a\tb\u{1b}[31m"), r#""a\tb\u{1b}[31m""#);
+        assert_eq!(display_key(r#""quoted""#), r#""\"quoted\"""#);
     }
 }

@@ -942,7 +942,7 @@ async fn second_runner_of_a_job_is_refused() {
     assert_eq!(output.status.code(), Some(1), "{text}");
     assert!(text.contains("already running"), "{text}");
 
-    // A dry run tells of the lease, in JSON and in text.
+    // A dry run reports the lease, in JSON and in text.
     let (code, plan, text) =
         run_json(run_command(&db, &["t.secret"], &[&old.path], &new.path).arg("--dry-run"));
     assert_eq!(code, 0, "{text}");
@@ -964,7 +964,8 @@ async fn second_runner_of_a_job_is_refused() {
     first.kill().unwrap();
     first.wait().unwrap();
 
-    // Once the runner is gone, the dry run says the lease would be taken over.
+    // Once the runner is gone, the dry run reports that the lease would be
+    // taken over.
     let (code, plan, text) =
         run_json(run_command(&db, &["t.secret"], &[&old.path], &new.path).arg("--dry-run"));
     assert_eq!(code, 0, "{text}");
@@ -1363,4 +1364,62 @@ async fn stop_ends_throttle_wait() {
     assert_eq!(child.wait().unwrap().code(), Some(4));
     // The batch that was waiting was not written.
     assert_eq!(db.values("t", "id", "secret").await, before);
+}
+
+#[tokio::test]
+async fn text_output_escapes_keys() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let other = KeyFile::generate();
+    db.exec("CREATE TABLE k (code text PRIMARY KEY, secret text)")
+        .await;
+    // Values under a key the run is not given, so every row is listed.
+    let forged = "fake\n  public.k.secret  999  ambiguous";
+    for code in [forged, "", "\u{1b}[2J"] {
+        sqlx::query("INSERT INTO k VALUES ($1, $2)")
+            .bind(code)
+            .bind(encrypt_string(&other.key, "a secret"))
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+
+    let plan = common::binary()
+        .args(["plan", "--database-url", &db.url, "--target", "k.secret"])
+        .arg("--old-key-file")
+        .arg(&old.path)
+        .arg("--new-key-file")
+        .arg(&new.path)
+        .output()
+        .unwrap();
+    let run = run_command(&db, &["k.secret"], &[&old.path], &new.path)
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(3), "{}", output_text(&run));
+    let verify = common::binary()
+        .args(["verify", "--database-url", &db.url, "--target", "k.secret"])
+        .arg("--old-key-file")
+        .arg(&old.path)
+        .arg("--new-key-file")
+        .arg(&new.path)
+        .output()
+        .unwrap();
+    assert_eq!(verify.status.code(), Some(3), "{}", output_text(&verify));
+    for output in [plan, run, verify] {
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(
+            text.contains(r#""fake\n  public.k.secret  999  ambiguous""#),
+            "{text}"
+        );
+        assert!(text.contains(r#""\u{1b}[2J""#), "{text}");
+        assert!(text.contains(r#""""#), "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(
+            !text
+                .lines()
+                .any(|line| line.trim() == "public.k.secret  999  ambiguous"),
+            "{text}"
+        );
+    }
 }
