@@ -270,10 +270,23 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
         });
     }
     let keys = KeyEvidence::from_keys(&prepared.keys);
+    let throttled = match plan.resume {
+        Some(args) => {
+            let rows: Vec<i64> = planned.iter().map(|p| p.scan.counts.rows_scanned).collect();
+            throttled_seconds(args, &rows)?
+        }
+        None => None,
+    };
 
     match plan.format {
         OutputFormat::Table => {
             print!("{}", report::render_plan(&keys, &planned));
+            if let Some(seconds) = throttled {
+                println!(
+                    "with --max-rows-per-second and --pause-between-batches-ms as given, the run takes at least {}",
+                    report::format_seconds(seconds)
+                );
+            }
             if let Some(job) = &resumes {
                 println!("\nThe run resumes job {job}.");
             }
@@ -291,6 +304,7 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
             if plan.resume.is_some() {
                 value["command"] = serde_json::json!("run --dry-run");
                 value["resumes_job"] = serde_json::json!(resumes);
+                value["throttled_seconds_at_least"] = serde_json::json!(throttled);
                 value["lease"] = match &lease {
                     Some(busy) => serde_json::json!({
                         "shard": busy.shard,
@@ -306,6 +320,34 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
         }
     }
     Ok(crate::exit::SUCCESS)
+}
+
+/// Returns the least time in seconds that a run's throttle allows for
+/// `rows` rows per target, or `None` when the run is not throttled.
+/// `--max-rows-per-second` bounds the rows of all targets together. A
+/// pause follows every batch. A target has at least as many rounds of
+/// batches as its rows divided by the largest batch of all its writers
+/// together. Targets may run at the same time, so the target with the most
+/// rounds sets that bound.
+fn throttled_seconds(args: &RunArgs, rows: &[i64]) -> Result<Option<f64>, Failure> {
+    let total: i64 = rows.iter().sum();
+    let by_rate = args.max_rows_per_second.map(|rate| total as f64 / rate);
+    let by_pauses = match args.pause_between_batches_ms {
+        Some(pause_ms) if pause_ms > 0 => {
+            let (_, sizing, _) = crate::run::tuning(&args.tuning)?;
+            let rows_per_round = (sizing.max_rows * args.writers.max(1) as usize) as f64;
+            let batches = rows
+                .iter()
+                .map(|&target_rows| (target_rows as f64 / rows_per_round).ceil())
+                .fold(0.0, f64::max);
+            Some(batches * pause_ms as f64 / 1000.0)
+        }
+        _ => None,
+    };
+    Ok(match (by_rate, by_pauses) {
+        (Some(rate), Some(pauses)) => Some(rate.max(pauses)),
+        (one, other) => one.or(other),
+    })
 }
 
 fn plan_json(keys: &KeyEvidence, planned: &[PlanTarget]) -> serde_json::Value {

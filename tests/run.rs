@@ -1423,3 +1423,54 @@ async fn text_output_escapes_keys() {
         );
     }
 }
+
+#[tokio::test]
+async fn dry_run_estimate_counts_throttle() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, "t", 400, &old.key).await;
+    let least = |args: &[&str]| {
+        let (code, plan, text) = run_json(
+            run_command(&db, &["t.secret"], &[&old.path], &new.path)
+                .arg("--dry-run")
+                .args(args),
+        );
+        assert_eq!(code, 0, "{text}");
+        plan["throttled_seconds_at_least"].as_f64()
+    };
+    assert_eq!(least(&[]), None);
+    // 400 rows at 10 per second.
+    assert_eq!(least(&["--max-rows-per-second", "10"]), Some(40.0));
+    // One batch can hold every row, and a pause of a minute follows it.
+    assert_eq!(least(&["--pause-between-batches-ms", "60000"]), Some(60.0));
+    // Two writers of 100 rows per batch: 2 batches each, in parallel.
+    assert_eq!(
+        least(&[
+            "--pause-between-batches-ms",
+            "1000",
+            "--batch-size",
+            "100",
+            "--writers",
+            "2"
+        ]),
+        Some(2.0)
+    );
+    assert_eq!(
+        least(&[
+            "--pause-between-batches-ms",
+            "1000",
+            "--max-rows-per-second",
+            "100"
+        ]),
+        Some(4.0)
+    );
+
+    let output = run_command(&db, &["t.secret"], &[&old.path], &new.path)
+        .args(["--dry-run", "--max-rows-per-second", "10"])
+        .output()
+        .unwrap();
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("the run takes at least 40.0s"), "{text}");
+}
