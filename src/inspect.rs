@@ -693,6 +693,7 @@ fn job_json(
             })
         })
         .collect();
+    let live = live_runners(job, leases);
     let leases: Vec<&LeaseRecord> = leases.iter().filter(|l| l.job == job.job).collect();
     let records: Vec<serde_json::Value> = records
         .iter()
@@ -710,9 +711,18 @@ fn job_json(
         .collect();
     let mut value = serde_json::to_value(job).unwrap_or_default();
     value["targets"] = serde_json::Value::Array(targets);
+    value["live_runners"] = serde_json::json!(live);
     value["leases"] = serde_json::to_value(leases).unwrap_or_default();
     value["latest_records"] = serde_json::Value::Array(records);
     value
+}
+
+/// Counts the job's leases that have not expired.
+fn live_runners(job: &JobRecord, leases: &[LeaseRecord]) -> usize {
+    leases
+        .iter()
+        .filter(|lease| lease.job == job.job && lease.is_live())
+        .count()
 }
 
 fn render_job(
@@ -731,10 +741,17 @@ fn render_job(
         shard_count: job.shard_count,
         writers: job.writers,
     };
+    // A job stays `running` in its record after its runner is killed, so
+    // the status line also shows when no runner holds a live lease.
+    let status = if job.status == "running" && live_runners(job, leases) == 0 {
+        "running, no live runner".to_string()
+    } else {
+        job.status.clone()
+    };
     let mut out = format!(
         "job {} ({}): created {}, updated {}{}; {} shard(s) x {} writer(s)\n{}\n",
         job.job,
-        job.status,
+        status,
         job.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
         job.updated_at.format("%Y-%m-%d %H:%M:%S UTC"),
         job.finished_at

@@ -1464,3 +1464,42 @@ async fn sweep_after_concurrent_writes(batch_size: &str) -> String {
     }
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+#[tokio::test]
+async fn status_running_job_without_runner() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    fill(&db, 50, &old.key).await;
+    let (code, text) =
+        plain_output(run_command(&db, &[TARGET], &[&old.path], &new.path).args(["--job", "left"]));
+    assert_eq!(code, 0, "{text}");
+    // What a runner killed part-way leaves: the job running, its lease expired.
+    db.exec(
+        "UPDATE reencrypt.jobs SET status = 'running', finished_at = NULL WHERE job = 'left'; \
+         INSERT INTO reencrypt.leases (job, shard, holder, host, pid, expires_at) \
+         VALUES ('left', 0, 'gone-runner', 'elsewhere', 4243, now() - interval '1 second')",
+    )
+    .await;
+    let (code, text) = plain_output(job_command("status", &db).args(["--job", "left"]));
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("job left (running, no live runner)"),
+        "{text}"
+    );
+    let (code, status, text) = json_output(job_command("status", &db).args(["--job", "left"]));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(status["jobs"][0]["status"], "running", "{text}");
+    assert_eq!(status["jobs"][0]["live_runners"], 0, "{text}");
+
+    db.exec(
+        "UPDATE reencrypt.leases SET expires_at = now() + interval '1 hour' WHERE job = 'left'",
+    )
+    .await;
+    let (code, text) = plain_output(job_command("status", &db).args(["--job", "left"]));
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("job left (running)"), "{text}");
+    let (code, status, text) = json_output(job_command("status", &db).args(["--job", "left"]));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(status["jobs"][0]["live_runners"], 1, "{text}");
+}
