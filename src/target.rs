@@ -263,15 +263,172 @@ impl fmt::Display for Target {
     }
 }
 
+/// The keywords that PostgreSQL's `quote_ident` quotes: every keyword that
+/// is not unreserved, as `pg_get_keywords()` lists them in PostgreSQL 15,
+/// sorted. NOTE: later versions may add keywords that are not listed here.
+const SQL_KEYWORDS: [&str; 151] = [
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "between",
+    "bigint",
+    "binary",
+    "bit",
+    "boolean",
+    "both",
+    "case",
+    "cast",
+    "char",
+    "character",
+    "check",
+    "coalesce",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "dec",
+    "decimal",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "exists",
+    "extract",
+    "false",
+    "fetch",
+    "float",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "greatest",
+    "group",
+    "grouping",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "inout",
+    "int",
+    "integer",
+    "intersect",
+    "interval",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "least",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "national",
+    "natural",
+    "nchar",
+    "none",
+    "normalize",
+    "not",
+    "notnull",
+    "null",
+    "nullif",
+    "numeric",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "out",
+    "outer",
+    "overlaps",
+    "overlay",
+    "placing",
+    "position",
+    "precision",
+    "primary",
+    "real",
+    "references",
+    "returning",
+    "right",
+    "row",
+    "select",
+    "session_user",
+    "setof",
+    "similar",
+    "smallint",
+    "some",
+    "substring",
+    "symmetric",
+    "table",
+    "tablesample",
+    "then",
+    "time",
+    "timestamp",
+    "to",
+    "trailing",
+    "treat",
+    "trim",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "values",
+    "varchar",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+    "xmlattributes",
+    "xmlconcat",
+    "xmlelement",
+    "xmlexists",
+    "xmlforest",
+    "xmlnamespaces",
+    "xmlparse",
+    "xmlpi",
+    "xmlroot",
+    "xmlserialize",
+    "xmltable",
+];
+
 /// Shows an identifier bare when it has only lower-case letters, digits and
-/// underscores, and quoted otherwise, so that `--target` reads it back
-/// unchanged. NOTE: a reserved word such as `order` stays bare, which SQL
-/// would not read as a name.
+/// underscores and is not a keyword that SQL would read otherwise, and
+/// quoted otherwise, so that both `--target` and SQL read it back unchanged.
 pub fn display_ident(name: &str) -> String {
     let plain = name
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_');
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && SQL_KEYWORDS.binary_search(&name).is_err();
     if plain {
         name.to_string()
     } else {
@@ -563,6 +720,19 @@ async fn resolve_unique_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn display_ident_quotes_keywords() {
+        assert!(SQL_KEYWORDS.windows(2).all(|pair| pair[0] < pair[1]));
+        assert_eq!(display_ident("client_secret"), "client_secret");
+        // Unreserved keywords read back as names.
+        assert_eq!(display_ident("name"), "name");
+        assert_eq!(display_ident("order"), r#""order""#);
+        assert_eq!(display_ident("user"), r#""user""#);
+        assert_eq!(display_ident("select"), r#""select""#);
+        assert_eq!(display_ident("Id"), r#""Id""#);
+        assert_eq!(display_ident(r#"a"b"#), r#""a""b""#);
+    }
 
     #[test]
     fn target_parses_quoted_parts() {
