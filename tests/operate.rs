@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    binary, encrypt_only_under, load_vectors, output_text, run_command, KeyFile, TestDb,
-    AMBIGUOUS_UNDER_A_AND_B,
+    binary, encrypt_only_under, load_vectors, output_text, run_command, scan_command, KeyFile,
+    TestDb, AMBIGUOUS_UNDER_A_AND_B,
 };
 use reencrypt::classify::{decrypt_to_string, encrypt_string, Keyring, Outcome};
 use reencrypt::keys::Key;
@@ -34,27 +34,6 @@ fn json_output(command: &mut Command) -> (i32, serde_json::Value, String) {
 fn plain_output(command: &mut Command) -> (i32, String) {
     let output = command.stdin(Stdio::null()).output().unwrap();
     (output.status.code().unwrap_or(-1), output_text(&output))
-}
-
-/// `reencrypt <subcommand>` with a database, targets and key files.
-fn scan_command(
-    subcommand: &str,
-    db: &TestDb,
-    targets: &[&str],
-    old: &Path,
-    new: &Path,
-) -> Command {
-    let mut command = binary();
-    command.arg(subcommand).arg("--database-url").arg(&db.url);
-    for target in targets {
-        command.arg("--target").arg(target);
-    }
-    command
-        .arg("--old-key-file")
-        .arg(old)
-        .arg("--new-key-file")
-        .arg(new);
-    command
 }
 
 /// `reencrypt <subcommand>` with only a database, for the job commands.

@@ -666,16 +666,9 @@ async fn key_types_and_quoted_identifiers() {
 
     // `plan` shows each paging key and its index as they would be typed
     // in SQL.
-    let mut plan = common::binary();
-    plan.args(["plan", "--database-url", &db.url])
-        .arg("--old-key-file")
-        .arg(&old.path)
-        .arg("--new-key-file")
-        .arg(&new.path);
-    for target in targets {
-        plan.args(["--target", target]);
-    }
-    let output = plan.output().unwrap();
+    let output = common::scan_command("plan", &db, &targets, &old.path, &new.path)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{text}");
     let paging_row = |target: &str| {
@@ -1385,24 +1378,14 @@ async fn text_output_escapes_keys() {
             .unwrap();
     }
 
-    let plan = common::binary()
-        .args(["plan", "--database-url", &db.url, "--target", "k.secret"])
-        .arg("--old-key-file")
-        .arg(&old.path)
-        .arg("--new-key-file")
-        .arg(&new.path)
+    let plan = common::scan_command("plan", &db, &["k.secret"], &old.path, &new.path)
         .output()
         .unwrap();
     let run = run_command(&db, &["k.secret"], &[&old.path], &new.path)
         .output()
         .unwrap();
     assert_eq!(run.status.code(), Some(3), "{}", output_text(&run));
-    let verify = common::binary()
-        .args(["verify", "--database-url", &db.url, "--target", "k.secret"])
-        .arg("--old-key-file")
-        .arg(&old.path)
-        .arg("--new-key-file")
-        .arg(&new.path)
+    let verify = common::scan_command("verify", &db, &["k.secret"], &old.path, &new.path)
         .output()
         .unwrap();
     assert_eq!(verify.status.code(), Some(3), "{}", output_text(&verify));

@@ -132,6 +132,27 @@ pub fn binary() -> Command {
     command
 }
 
+/// `reencrypt <subcommand>` with a database, targets and key files.
+pub fn scan_command(
+    subcommand: &str,
+    db: &TestDb,
+    targets: &[&str],
+    old: &Path,
+    new: &Path,
+) -> Command {
+    let mut command = binary();
+    command.arg(subcommand).arg("--database-url").arg(&db.url);
+    for target in targets {
+        command.arg("--target").arg(target);
+    }
+    command
+        .arg("--old-key-file")
+        .arg(old)
+        .arg("--new-key-file")
+        .arg(new);
+    command
+}
+
 /// `reencrypt run` on one or more targets with the given key files.
 pub fn run_command(db: &TestDb, targets: &[&str], old: &[&Path], new: &Path) -> Command {
     let mut command = binary();
