@@ -240,17 +240,6 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
     }
     let sample = plan.sample;
     let resumes = resumed.map(|job| job.job);
-    let lease = match (plan.resume, &resumes) {
-        (Some(args), Some(job)) => crate::lease::read_unexpired(
-            &prepared.settings.db,
-            &args.database.schema,
-            job,
-            args.shard_index as i32,
-        )
-        .await
-        .map_err(|e| Failure::from_database("cannot read the job's lease", &e))?,
-        _ => None,
-    };
     let mut planned = Vec::with_capacity(prepared.targets.len());
     for (target, order) in prepared.targets.iter().zip(orders) {
         let scan = match sample {
@@ -269,11 +258,23 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
             order,
         });
     }
+    // Read after the scans, which can take long on a large table.
+    let lease = match (plan.resume, &resumes) {
+        (Some(args), Some(job)) => crate::lease::read_unexpired(
+            &prepared.settings.db,
+            &args.database.schema,
+            job,
+            args.shard_index as i32,
+        )
+        .await
+        .map_err(|e| Failure::from_database("cannot read the job's lease", &e))?,
+        _ => None,
+    };
     let keys = KeyEvidence::from_keys(&prepared.keys);
     let throttled = match plan.resume {
         Some(args) => {
             let rows: Vec<i64> = planned.iter().map(|p| p.scan.counts.rows_scanned).collect();
-            throttled_seconds(args, &rows)?
+            throttled_seconds(args, &rows, resumes.is_some())?
         }
         None => None,
     };
@@ -323,24 +324,34 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
 }
 
 /// Returns the least time in seconds that a run's throttle allows for
-/// `rows` rows per target, or `None` when the run is not throttled.
-/// `--max-rows-per-second` bounds the rows of all targets together. A
-/// pause follows every batch. A target has at least as many rounds of
+/// `rows` rows per target. Returns `None` when the run is not throttled.
+/// It also returns `None` when the run resumes a job or is one of several
+/// shards, because such a run reads only part of those rows. `--max-rows-per-second` bounds the rows of all
+/// targets together. A pause follows every batch, and the targets are
+/// written one after another. A target has at least as many rounds of
 /// batches as its rows divided by the largest batch of all its writers
-/// together. Targets may run at the same time, so the target with the most
-/// rounds sets that bound.
-fn throttled_seconds(args: &RunArgs, rows: &[i64]) -> Result<Option<f64>, Failure> {
+/// together.
+fn throttled_seconds(
+    args: &RunArgs,
+    rows: &[i64],
+    resumes_job: bool,
+) -> Result<Option<f64>, Failure> {
+    if resumes_job || args.shard_count > 1 {
+        return Ok(None);
+    }
     let total: i64 = rows.iter().sum();
     let by_rate = args.max_rows_per_second.map(|rate| total as f64 / rate);
     let by_pauses = match args.pause_between_batches_ms {
         Some(pause_ms) if pause_ms > 0 => {
             let (_, sizing, _) = crate::run::tuning(&args.tuning)?;
-            let rows_per_round = (sizing.max_rows * args.writers.max(1) as usize) as f64;
-            let batches = rows
+            let writers = args.writers.max(1);
+            let sizing = crate::run::shared_by_writers(sizing, writers);
+            let rows_per_round = (sizing.max_rows * writers as usize) as f64;
+            let rounds: f64 = rows
                 .iter()
                 .map(|&target_rows| (target_rows as f64 / rows_per_round).ceil())
-                .fold(0.0, f64::max);
-            Some(batches * pause_ms as f64 / 1000.0)
+                .sum();
+            Some(rounds * pause_ms as f64 / 1000.0)
         }
         _ => None,
     };

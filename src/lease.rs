@@ -131,8 +131,11 @@ pub async fn read_unexpired(
 impl Busy {
     /// Tells whether the lease's runner ran on this host and is gone, so
     /// that a run here would take the lease over at once (see `acquire`).
+    /// A lease with this process's own pid counts as gone, as after a
+    /// container restart.
     pub fn is_gone_from_this_host(&self) -> bool {
-        self.host == crate::report::host_name() && !process_alive(self.pid)
+        self.host == crate::report::host_name()
+            && (self.pid == std::process::id() as i32 || !process_alive(self.pid))
     }
 }
 

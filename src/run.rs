@@ -112,7 +112,7 @@ pub fn reject_instead_rules(targets: &[Target]) -> Result<(), Failure> {
 /// Divides the adaptive batch limits among the writers. Each writer holds up
 /// to two batches, so memory stays the same whatever the writer count. A
 /// fixed `--batch-size` is left as given.
-fn shared_by_writers(sizing: BatchSizing, writers: u32) -> BatchSizing {
+pub fn shared_by_writers(sizing: BatchSizing, writers: u32) -> BatchSizing {
     if sizing.target_duration.is_none() {
         return sizing;
     }

@@ -345,7 +345,7 @@ async fn fetch_page(
         if page.len() == 0 {
             return Err(sqlx::Error::Protocol(format!(
                 "the rows of key {} vanished from the page's own snapshot",
-                crate::statements::key_label(&last)
+                crate::statements::display_key(&crate::statements::key_label(&last))
             )));
         }
     }

@@ -266,14 +266,17 @@ impl Statements {
 }
 
 /// Returns a key's label (see `key_label`) for text meant for a terminal or
-/// a log line. A label that is empty, starts with a double quote, or
-/// contains a control character is shown quoted and escaped, so that it can
-/// neither hide nor forge lines. Others are shown as they are.
+/// a log line. Some labels are shown quoted and escaped, so that they can
+/// neither hide nor forge lines: an empty one, one that starts with a
+/// double quote, and one with a character that `escape_debug` escapes
+/// other than a quote or a backslash. Those are control characters, and
+/// invisible ones such as U+202E that reorder text. Others are shown as
+/// they are.
 /// NOTE: a one-column key whose text is a JSON array of strings still looks
 /// like a composite key, and one with a comma like two keys in a list.
 pub fn display_key(label: &str) -> String {
-    let plain =
-        !label.is_empty() && !label.starts_with('"') && !label.chars().any(char::is_control);
+    let escaped = |c: char| !matches!(c, '"' | '\'' | '\\') && c.escape_debug().count() > 1;
+    let plain = !label.is_empty() && !label.starts_with('"') && !label.chars().any(escaped);
     if plain {
         label.to_string()
     } else {
@@ -309,5 +312,7 @@ mod tests {
         );
         assert_eq!(display_key("a\tb\u{1b}[31m"), r#""a\tb\u{1b}[31m""#);
         assert_eq!(display_key(r#""quoted""#), r#""\"quoted\"""#);
+        assert_eq!(display_key("abc\u{202e}def"), r#""abc\u{202e}def""#);
+        assert_eq!(display_key(r#"it's a\b "x""#), r#"it's a\b "x""#);
     }
 }

@@ -256,9 +256,9 @@ impl fmt::Display for Target {
         write!(
             f,
             "{}.{}.{}",
-            display_ident(&self.schema),
-            display_ident(&self.table),
-            display_ident(&self.column)
+            label_ident(&self.schema),
+            label_ident(&self.table),
+            label_ident(&self.column)
         )
     }
 }
@@ -424,11 +424,25 @@ const SQL_KEYWORDS: [&str; 151] = [
 /// underscores and is not a keyword that SQL would read otherwise, and
 /// quoted otherwise, so that both `--target` and SQL read it back unchanged.
 pub fn display_ident(name: &str) -> String {
+    if SQL_KEYWORDS.binary_search(&name).is_ok() {
+        quote_ident(name)
+    } else {
+        label_ident(name)
+    }
+}
+
+/// Shows an identifier as a part of a target's label: bare when it has only
+/// lower-case letters, digits and underscores, and quoted otherwise, so that
+/// `--target` reads it back unchanged. Labels name targets in a job's
+/// identity and checkpoints, so this rule must not change, and it has no
+/// list of keywords that a newer PostgreSQL could extend.
+/// NOTE: so a label shows a keyword such as `order` bare, which SQL would
+/// not read as a name.
+fn label_ident(name: &str) -> String {
     let plain = name
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        && SQL_KEYWORDS.binary_search(&name).is_err();
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_');
     if plain {
         name.to_string()
     } else {
@@ -457,8 +471,8 @@ impl Target {
         unique_keys: &[UniqueKeySpec],
     ) -> Result<Target, ResolveError> {
         let display = match &spec.schema {
-            Some(schema) => format!("{}.{}", display_ident(schema), display_ident(&spec.table)),
-            None => display_ident(&spec.table),
+            Some(schema) => format!("{}.{}", label_ident(schema), label_ident(&spec.table)),
+            None => label_ident(&spec.table),
         };
 
         // Table: to_regclass applies the search path when no schema is given.
@@ -732,6 +746,22 @@ mod tests {
         assert_eq!(display_ident("select"), r#""select""#);
         assert_eq!(display_ident("Id"), r#""Id""#);
         assert_eq!(display_ident(r#"a"b"#), r#""a""b""#);
+    }
+
+    #[test]
+    fn labels_keep_keywords_bare() {
+        // Labels are part of a job's identity: they must not change.
+        let target = Target {
+            schema: "public".into(),
+            table: "order".into(),
+            column: "Check".into(),
+            key: Vec::new(),
+            index_name: String::new(),
+            estimated_rows: 0,
+            single_table: true,
+            instead_rule: false,
+        };
+        assert_eq!(target.label(), r#"public.order."Check""#);
     }
 
     #[test]
