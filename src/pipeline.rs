@@ -348,8 +348,8 @@ fn deal<T>(items: Vec<T>, part_of: &[usize], parts: usize) -> Vec<Vec<T>> {
 /// in that many. The first rewrites one row in that many of those that
 /// need it on each page, those with the lowest keys (`phase_of_rows`), and
 /// counts only those. A page with fewer such rows than phases has one in
-/// the first phase. A read of the
-/// window then prunes the old versions they left, and the next phase
+/// the first phase. A read of the window then prunes the old versions they
+/// left, and the next phase
 /// rewrites as many rows again into the room that made, and so on. The last
 /// phase also counts the rows with nothing to write. So a resumed pass that
 /// reads the window again leaves out the rows of the phases that committed.
@@ -566,18 +566,13 @@ impl ClassifiedBatch {
 }
 
 /// Returns the phase, from 0, that each row of a window written in `of`
-/// phases goes to (see `Phase`). On each page, the rows to rewrite go to
-/// the phases by their key's rank among that page's rows: the lowest
-/// `1/of` first, then the next, and so on. The first phase's rows are the
-/// ones that move to other pages, so they add the index entries. Where
-/// keys lie in random order on the pages, as uuids do, the lowest keys of
-/// every page fall mostly in the lowest part of the key's index, which
-/// stays in the server's cache better than the whole index. With five
-/// phases and random uuids, at 5M rows and 128 MiB of shared buffers, the
-/// server's backends wrote half as many buffers themselves. For keys loaded
-/// in key order, such as serial ones, the first phase's entries spread over
-/// the index as before. The rows with nothing to write go to the last
-/// phase, which counts them.
+/// phases goes to. On each page, the rows to rewrite go to the phases by
+/// key, the lowest `1/of` first. The first phase's rows move to other pages
+/// and add index entries, and with keys in random order on the pages (uuids)
+/// those entries then gather in the low part of the index, which the
+/// server's cache keeps better than the whole index. With five phases at 5M rows and 128 MiB of shared
+/// buffers, the backends wrote half as many buffers themselves. The rows
+/// with nothing to write go to the last phase, which counts them.
 fn phase_of_rows(batch: &Batch, decisions: &[Decision], of: usize) -> Vec<usize> {
     let mut part_of = vec![of - 1; decisions.len()];
     let rewrites: Vec<usize> = (0..decisions.len())
@@ -589,7 +584,7 @@ fn phase_of_rows(batch: &Batch, decisions: &[Decision], of: usize) -> Vec<usize>
     };
     for rows in rewrites.chunk_by(|&a, &b| page(a) == page(b)) {
         let mut ranked = rows.to_vec();
-        ranked.sort_by_cached_key(|&row| index_order_key(&batch.keys, row));
+        ranked.sort_by(|&a, &b| compare_in_index_order(&batch.keys, a, b));
         for (rank, &row) in ranked.iter().enumerate() {
             part_of[row] = rank * of / ranked.len();
         }
@@ -597,21 +592,24 @@ fn phase_of_rows(batch: &Batch, decisions: &[Decision], of: usize) -> Vec<usize>
     part_of
 }
 
-/// Returns a sort key for row `row` in an order close to the key's index:
-/// column by column, integers first and by value, then other values byte
-/// by byte (which is the order of uuids in their text form). It is a total
-/// order whatever the texts. Only the placement of index entries depends
-/// on it, never which rows are written.
-fn index_order_key(keys: &[Vec<String>], row: usize) -> Vec<(bool, i128, &str)> {
+/// Compares the keys of rows `a` and `b` in an order close to the index's,
+/// column by column (see `column_order_key`). Only the placement of index
+/// entries depends on it, never which rows are written.
+fn compare_in_index_order(keys: &[Vec<String>], a: usize, b: usize) -> std::cmp::Ordering {
     keys.iter()
-        .map(|column| {
-            let text = column[row].as_str();
-            match text.parse::<i128>() {
-                Ok(number) => (false, number, text),
-                Err(_) => (true, 0, text),
-            }
-        })
-        .collect()
+        .map(|column| column_order_key(&column[a]).cmp(&column_order_key(&column[b])))
+        .find(|order| order.is_ne())
+        .unwrap_or(std::cmp::Ordering::Equal)
+}
+
+/// Returns the sort key of one key column's text: integers first and by
+/// value, then other texts byte by byte, which is the order of uuids. It is
+/// a total order whatever the texts, as a sort requires.
+fn column_order_key(text: &str) -> (bool, i128, &str) {
+    match text.parse::<i128>() {
+        Ok(number) => (false, number, text),
+        Err(_) => (true, 0, text),
+    }
 }
 
 /// Returns the batch size to read after a write of `rows` rows timed out:
