@@ -393,34 +393,25 @@ async fn fetch_key(
 /// that size, key order was faster (0.89 against 0.72 in physical order).
 /// At 1.85 times, the two were even (0.67 and 0.68). At 2.5 and 3.6 times,
 /// physical order was faster (0.70 against 0.60, and 0.74 against 0.58).
-/// Given in tenths.
-const AUTO_PHYSICAL_TENTHS_ALONE: i64 = 20;
+const AUTO_PHYSICAL_FACTOR_ALONE: f64 = 2.0;
 
-/// The same limit for a job with several writers, where physical order
+/// The same factor for a job with several writers, where physical order
 /// gains more from the second writer than key order. On the same machine
 /// with 2 writers, key order was faster on a table 1.0 times
 /// `shared_buffers` (115,700 rows/s against 108,800) and on one that fit in
 /// 4 GB of them (125,300 against 121,300). Physical order was faster at
 /// 1.4 times (116,700 against 110,300, and 123,400 against 111,200 with
-/// the build before). 1.2 lies between those two measurements, an estimate
-/// of where the orders are even. Given in tenths.
-const AUTO_PHYSICAL_TENTHS_BESIDE_OTHERS: i64 = 12;
+/// the build before). 1.2 is an estimate of where the orders are even.
+const AUTO_PHYSICAL_FACTOR_BESIDE_OTHERS: f64 = 1.2;
 
-/// Returns the size in bytes over which `auto` takes physical order, for a
-/// server with `cache` bytes of `shared_buffers` and a job of `writers`
-/// writers, with the factor as text.
-fn auto_physical_limit(cache: i64, writers: u32) -> (i64, String) {
-    let tenths = if writers > 1 {
-        AUTO_PHYSICAL_TENTHS_BESIDE_OTHERS
+/// Returns the factor of `shared_buffers` over which `auto` takes physical
+/// order for a job of `writers` writers.
+fn auto_physical_factor(writers: u32) -> f64 {
+    if writers > 1 {
+        AUTO_PHYSICAL_FACTOR_BESIDE_OTHERS
     } else {
-        AUTO_PHYSICAL_TENTHS_ALONE
-    };
-    let factor = if tenths % 10 == 0 {
-        format!("{}", tenths / 10)
-    } else {
-        format!("{}.{}", tenths / 10, tenths % 10)
-    };
-    (cache.saturating_mul(tenths) / 10, factor)
+        AUTO_PHYSICAL_FACTOR_ALONE
+    }
 }
 
 /// The options that decide the order of a new job's pass.
@@ -494,7 +485,7 @@ impl OrderChoice {
 /// which has no range scans by row position. With `auto`, such a target, a
 /// job with several shards or without sweeps, a table whose sweep reads
 /// every row (see `TableState`), and a table that fits the server's cache
-/// get key order (see `auto_physical_limit`).
+/// get key order (see `auto_physical_factor`).
 pub async fn choose_order(
     db: &Database,
     target: &Target,
@@ -571,7 +562,8 @@ pub async fn choose_order(
             "--scan-order physical",
         ));
     }
-    let (limit, factor) = auto_physical_limit(cache, options.writers);
+    let factor = auto_physical_factor(options.writers);
+    let limit = (cache as f64 * factor) as i64;
     let sizes = format!(
         "the table takes {}, against {} for {factor} times shared_buffers",
         size_text(size),
@@ -1533,15 +1525,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_limit_depends_on_writers() {
-        let cache: i64 = 128 << 20;
-        let (alone, factor) = auto_physical_limit(cache, 1);
-        assert_eq!(alone, 2 * cache);
-        assert_eq!(factor, "2");
-
-        let (beside_others, factor) = auto_physical_limit(cache, 2);
-        assert_eq!(beside_others, cache * 12 / 10);
-        assert_eq!(factor, "1.2");
-        assert_eq!(auto_physical_limit(cache, 64).0, beside_others);
+    fn auto_factor_depends_on_writers() {
+        assert_eq!(auto_physical_factor(1), 2.0);
+        assert_eq!(auto_physical_factor(2), 1.2);
+        assert_eq!(auto_physical_factor(64), 1.2);
+        // The factors print as the help text gives them.
+        assert_eq!(format!("{}", auto_physical_factor(1)), "2");
+        assert_eq!(format!("{}", auto_physical_factor(2)), "1.2");
     }
 }
