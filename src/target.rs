@@ -256,189 +256,20 @@ impl fmt::Display for Target {
         write!(
             f,
             "{}.{}.{}",
-            label_ident(&self.schema),
-            label_ident(&self.table),
-            label_ident(&self.column)
+            display_ident(&self.schema),
+            display_ident(&self.table),
+            display_ident(&self.column)
         )
     }
 }
 
-/// The keywords that PostgreSQL's `quote_ident` quotes: every keyword that
-/// is not unreserved, as `pg_get_keywords()` lists them in PostgreSQL 15,
-/// sorted. NOTE: later versions may add keywords that are not listed here.
-const SQL_KEYWORDS: [&str; 151] = [
-    "all",
-    "analyse",
-    "analyze",
-    "and",
-    "any",
-    "array",
-    "as",
-    "asc",
-    "asymmetric",
-    "authorization",
-    "between",
-    "bigint",
-    "binary",
-    "bit",
-    "boolean",
-    "both",
-    "case",
-    "cast",
-    "char",
-    "character",
-    "check",
-    "coalesce",
-    "collate",
-    "collation",
-    "column",
-    "concurrently",
-    "constraint",
-    "create",
-    "cross",
-    "current_catalog",
-    "current_date",
-    "current_role",
-    "current_schema",
-    "current_time",
-    "current_timestamp",
-    "current_user",
-    "dec",
-    "decimal",
-    "default",
-    "deferrable",
-    "desc",
-    "distinct",
-    "do",
-    "else",
-    "end",
-    "except",
-    "exists",
-    "extract",
-    "false",
-    "fetch",
-    "float",
-    "for",
-    "foreign",
-    "freeze",
-    "from",
-    "full",
-    "grant",
-    "greatest",
-    "group",
-    "grouping",
-    "having",
-    "ilike",
-    "in",
-    "initially",
-    "inner",
-    "inout",
-    "int",
-    "integer",
-    "intersect",
-    "interval",
-    "into",
-    "is",
-    "isnull",
-    "join",
-    "lateral",
-    "leading",
-    "least",
-    "left",
-    "like",
-    "limit",
-    "localtime",
-    "localtimestamp",
-    "national",
-    "natural",
-    "nchar",
-    "none",
-    "normalize",
-    "not",
-    "notnull",
-    "null",
-    "nullif",
-    "numeric",
-    "offset",
-    "on",
-    "only",
-    "or",
-    "order",
-    "out",
-    "outer",
-    "overlaps",
-    "overlay",
-    "placing",
-    "position",
-    "precision",
-    "primary",
-    "real",
-    "references",
-    "returning",
-    "right",
-    "row",
-    "select",
-    "session_user",
-    "setof",
-    "similar",
-    "smallint",
-    "some",
-    "substring",
-    "symmetric",
-    "table",
-    "tablesample",
-    "then",
-    "time",
-    "timestamp",
-    "to",
-    "trailing",
-    "treat",
-    "trim",
-    "true",
-    "union",
-    "unique",
-    "user",
-    "using",
-    "values",
-    "varchar",
-    "variadic",
-    "verbose",
-    "when",
-    "where",
-    "window",
-    "with",
-    "xmlattributes",
-    "xmlconcat",
-    "xmlelement",
-    "xmlexists",
-    "xmlforest",
-    "xmlnamespaces",
-    "xmlparse",
-    "xmlpi",
-    "xmlroot",
-    "xmlserialize",
-    "xmltable",
-];
-
 /// Shows an identifier bare when it has only lower-case letters, digits and
-/// underscores and is not a keyword that SQL would read otherwise, and
-/// quoted otherwise, so that both `--target` and SQL read it back unchanged.
+/// underscores, and quoted otherwise, so that `--target` reads it back
+/// unchanged. Target labels are made of it and name targets in a job's
+/// identity and checkpoints, so this rule must not change.
+/// NOTE: a keyword such as `order` stays bare, which SQL would not read as
+/// a name.
 pub fn display_ident(name: &str) -> String {
-    if SQL_KEYWORDS.binary_search(&name).is_ok() {
-        quote_ident(name)
-    } else {
-        label_ident(name)
-    }
-}
-
-/// Shows an identifier as a part of a target's label: bare when it has only
-/// lower-case letters, digits and underscores, and quoted otherwise, so that
-/// `--target` reads it back unchanged. Labels name targets in a job's
-/// identity and checkpoints, so this rule must not change, and it has no
-/// list of keywords that a newer PostgreSQL could extend.
-/// NOTE: so a label shows a keyword such as `order` bare, which SQL would
-/// not read as a name.
-fn label_ident(name: &str) -> String {
     let plain = name
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
@@ -471,8 +302,8 @@ impl Target {
         unique_keys: &[UniqueKeySpec],
     ) -> Result<Target, ResolveError> {
         let display = match &spec.schema {
-            Some(schema) => format!("{}.{}", label_ident(schema), label_ident(&spec.table)),
-            None => label_ident(&spec.table),
+            Some(schema) => format!("{}.{}", display_ident(schema), display_ident(&spec.table)),
+            None => display_ident(&spec.table),
         };
 
         // Table: to_regclass applies the search path when no schema is given.
@@ -734,19 +565,6 @@ async fn resolve_unique_key(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn display_ident_quotes_keywords() {
-        assert!(SQL_KEYWORDS.windows(2).all(|pair| pair[0] < pair[1]));
-        assert_eq!(display_ident("client_secret"), "client_secret");
-        // Unreserved keywords read back as names.
-        assert_eq!(display_ident("name"), "name");
-        assert_eq!(display_ident("order"), r#""order""#);
-        assert_eq!(display_ident("user"), r#""user""#);
-        assert_eq!(display_ident("select"), r#""select""#);
-        assert_eq!(display_ident("Id"), r#""Id""#);
-        assert_eq!(display_ident(r#"a"b"#), r#""a""b""#);
-    }
 
     #[test]
     fn labels_keep_keywords_bare() {
