@@ -324,13 +324,13 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
 }
 
 /// Returns the least time in seconds that a run's throttle allows for
-/// `rows` rows per target. Returns `None` when the run is not throttled.
-/// It also returns `None` when the run resumes a job or is one of several
-/// shards, because such a run reads only part of those rows. `--max-rows-per-second` bounds the rows of all
-/// targets together. A pause follows every batch, and the targets are
-/// written one after another. A target has at least as many rounds of
-/// batches as its rows divided by the largest batch of all its writers
-/// together.
+/// `rows` rows per target, or `None` when the run is not throttled. It is
+/// also `None` for a run that resumes a job or is one of several shards,
+/// because such a run reads only part of those rows.
+///
+/// `--max-rows-per-second` bounds the rows of all targets together. A pause
+/// follows every batch, and the targets are written one after another, each
+/// in at least its rows divided by the batch of all its writers together.
 fn throttled_seconds(
     args: &RunArgs,
     rows: &[i64],

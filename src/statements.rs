@@ -265,13 +265,11 @@ impl Statements {
     }
 }
 
-/// Returns a key's label (see `key_label`) for text meant for a terminal or
-/// a log line. Some labels are shown quoted and escaped, so that they can
-/// neither hide nor forge lines: an empty one, one that starts with a
-/// double quote, and one with a character that `escape_debug` escapes
-/// other than a quote or a backslash. Those are control characters, and
-/// invisible ones such as U+202E that reorder text. Others are shown as
-/// they are.
+/// Returns a key's label (see `key_label`) for a terminal or a log line.
+/// A label that could hide or forge lines is shown quoted and escaped. That
+/// is an empty label, one that starts with a double quote, and one with a
+/// character that `escape_debug` escapes, quotes and backslashes aside:
+/// control characters, and invisible ones such as U+202E that reorder text.
 /// NOTE: a one-column key whose text is a JSON array of strings still looks
 /// like a composite key, and one with a comma like two keys in a list.
 pub fn display_key(label: &str) -> String {
