@@ -607,13 +607,17 @@ async fn sweep_skips_rows_rewritten_after_conflicts() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Four rows a quarter of the table apart each round, so that on a slow
+    // machine too some land in a batch between its fetch and its write.
     let mut rewritten = std::collections::BTreeMap::new();
     for round in 0..30_i64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let id = 1 + (round * 67) % rows;
-        let value = format!("rewritten {id} in round {round}");
-        put(&db, id, &old.key, &value).await;
-        rewritten.insert(id, value);
+        for quarter in 0..4 {
+            let id = 1 + (round * 67 + quarter * rows / 4) % rows;
+            let value = format!("rewritten {id} in round {round}");
+            put(&db, id, &old.key, &value).await;
+            rewritten.insert(id, value);
+        }
     }
     let output = child.wait_with_output().unwrap();
     let text = output_text(&output);
