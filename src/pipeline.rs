@@ -433,6 +433,44 @@ async fn revisit(
     let (Some(first), Some(last)) = (batch.positions.first(), batch.positions.last()) else {
         return;
     };
+    read_again(settings, statements, work, first, last).await;
+}
+
+/// Reads again the windows whose writes have all committed since the last
+/// call (see `WrittenWindows`).
+async fn read_written_windows(
+    settings: &PipelineSettings,
+    statements: &Statements,
+    work: &RangeWork,
+    written: &WrittenWindows,
+) {
+    let spans = std::mem::take(&mut *lock_written(written));
+    for (first, last) in spans {
+        // One failure is enough: the others would most likely fail the same
+        // way, and each could take the pool's whole wait for a connection.
+        if !read_again(settings, statements, work, &first, &last).await {
+            break;
+        }
+    }
+}
+
+/// Locks the list of written windows. The list stays whole even if a task
+/// panicked while holding it, since each change is one push or one take.
+fn lock_written(written: &WrittenWindows) -> std::sync::MutexGuard<'_, Vec<(String, String)>> {
+    written
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads the rows from position `first` to `last` again, so that PostgreSQL
+/// prunes the old versions written there (see `revisit`).
+async fn read_again(
+    settings: &PipelineSettings,
+    statements: &Statements,
+    work: &RangeWork,
+    first: &str,
+    last: &str,
+) -> bool {
     let read = async {
         let mut tx = settings.db.begin_read_only().await?;
         sqlx::query_scalar::<_, i64>(&statements.revisit)
@@ -442,8 +480,12 @@ async fn revisit(
             .await?;
         tx.commit().await
     };
-    if let Err(error) = read.await {
-        tracing::debug!(target = %work.target_label, range = work.range_index, error = %db::describe(&error), "Could not read a window again before its next write.");
+    match read.await {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::debug!(target = %work.target_label, range = work.range_index, error = %db::describe(&error), "Could not read a window's rows again.");
+            false
+        }
     }
 }
 
@@ -624,9 +666,21 @@ fn rows_after_timeout(phase: Phase, rows: usize, read_rows: usize, min_rows: usi
     (window_rows / 2).max(min_rows)
 }
 
+/// The first and last positions of windows whose writes have all committed.
+/// The reader reads them again before its next window, beside the writer's
+/// work (see `read_again`). Otherwise the old versions that each window's
+/// last write leaves are pruned by the final sweep's scan. By then a
+/// checkpoint has mostly passed, and the server logs a full-page image for
+/// each page it prunes: at 5M rows with 1 GB of `max_wal_size`, a fifth of
+/// the run's WAL.
+type WrittenWindows = Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
 /// A batch read for the writer: its phases still to write, in order.
 struct OpenWindow {
     parts: VecDeque<ClassifiedBatch>,
+    /// The first and last positions of a pass's window in physical order
+    /// with rows to rewrite, for `WrittenWindows`.
+    span: Option<(String, String)>,
     /// The window's number among those the range's writer read, from 1,
     /// for the batch log.
     number: u64,
@@ -638,6 +692,13 @@ struct OpenWindow {
 
 impl OpenWindow {
     fn new(batch: ClassifiedBatch, pass: Pass, number: u64, phases: usize) -> OpenWindow {
+        let rewrites = batch.decisions.iter().any(|d| d.new_value.is_some());
+        let span = match (batch.batch.positions.first(), batch.batch.positions.last()) {
+            (Some(first), Some(last)) if pass == Pass::Main && batch.batch.physical && rewrites => {
+                Some((first.clone(), last.clone()))
+            }
+            _ => None,
+        };
         let parts = if batch.worth_phases(pass) {
             batch.into_phases(phases).into()
         } else {
@@ -645,6 +706,7 @@ impl OpenWindow {
         };
         OpenWindow {
             parts,
+            span,
             number,
             begun: false,
             seconds: 0.0,
@@ -764,6 +826,7 @@ pub async fn run_range(
 ) -> Result<RangeOutcome, RangeError> {
     let (sender, mut receiver) = mpsc::channel::<Result<ClassifiedBatch, RangeError>>(1);
     let batch_rows = Arc::new(std::sync::atomic::AtomicUsize::new(settings.batch.rows));
+    let written_windows = WrittenWindows::default();
 
     // Fetch and classify ahead of the writer.
     let reader = {
@@ -771,6 +834,7 @@ pub async fn run_range(
         let statements = statements.clone();
         let work = work.clone();
         let batch_rows = batch_rows.clone();
+        let written_windows = written_windows.clone();
         tokio::spawn(async move {
             let mut after = work.after.clone();
             let mut work = work;
@@ -788,6 +852,7 @@ pub async fn run_range(
                 let Ok(permit) = sender.reserve().await else {
                     return false;
                 };
+                read_written_windows(&settings, &statements, &work, &written_windows).await;
                 let limit = batch_rows.load(Ordering::Relaxed);
                 let batch = if let Some(scan) = &work.physical {
                     match next_in_physical_order(
@@ -1022,6 +1087,11 @@ pub async fn run_range(
                         std::mem::take(&mut window.seconds),
                     );
                 }
+                if window.parts.is_empty() {
+                    if let Some(span) = window.span.take() {
+                        lock_written(&written_windows).push(span);
+                    }
+                }
                 schedule.written();
             }
             Ok(WriteResult::Split(halves)) => {
@@ -1045,6 +1115,10 @@ pub async fn run_range(
             )))
         }
     };
+    // The windows written after the reader's last fetch.
+    if result.is_ok() {
+        read_written_windows(settings, &statements, &work, &written_windows).await;
+    }
     // The reader also ends without an error on a stop request, maybe before
     // its first batch, and then the range is not done.
     if result.is_ok() && !exhausted {

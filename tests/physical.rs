@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_reads, fill, first_target_count, plaintext, put, run_command, run_json, KeyFile, TestDb,
+    assert_reads, fill, first_target_count, last_block, plaintext, put, run_command, run_json,
+    KeyFile, TestDb,
 };
 use reencrypt::db::{Database, Timeouts};
 use reencrypt::sweep::TableState;
@@ -37,14 +38,6 @@ async fn empty_first_block(db: &TestDb) -> i64 {
     db.exec("ALTER TABLE t SET (fillfactor = 50)").await;
     db.exec("VACUUM t").await;
     sqlx::query_scalar("SELECT count(*) FROM t")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap()
-}
-
-/// Returns the highest block that holds a row of `t`.
-async fn last_block(db: &TestDb) -> i64 {
-    sqlx::query_scalar("SELECT max((ctid::text::point)[0])::bigint FROM t")
         .fetch_one(&db.pool)
         .await
         .unwrap()

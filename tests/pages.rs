@@ -1,0 +1,86 @@
+//! How a pass in physical order leaves the table's pages: each window is
+//! pruned during the pass.
+//!
+//! The tests depend on PostgreSQL pruning a page as soon as the old versions on
+//! it are dead. A transaction open at that moment, even in another
+//! database, can put the pruning off, so these tests run one at a time and
+//! in a test binary of their own.
+
+mod common;
+
+use common::{
+    assert_reads, fill, first_target_count, last_block, plaintext, run_command, run_json, KeyFile,
+    TestDb,
+};
+use tokio::sync::Mutex;
+
+const PHYSICAL: [&str; 2] = ["--scan-order", "physical"];
+
+/// Held by each test, so that they run one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// Returns the position in the WAL of the last change to each of `table`'s
+/// pages from `first` to `last`, read from the raw pages.
+async fn page_lsns(db: &TestDb, table: &str, first: i64, last: i64) -> Vec<String> {
+    db.exec("CREATE EXTENSION IF NOT EXISTS pageinspect").await;
+    sqlx::query_scalar(&format!(
+        "SELECT (page_header(get_raw_page('{table}', b::int))).lsn::text \
+         FROM generate_series({first}::int8, {last}) AS b ORDER BY b"
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+/// The pass reads each window again once its writes have committed, so
+/// PostgreSQL prunes the old versions that its last write left during the
+/// pass. Otherwise the final sweep's scan prunes them, mostly after a
+/// checkpoint, when the server logs a full-page image for each page it
+/// prunes. A page's LSN is that of its last change, so the first window's
+/// pages must have changed last before the pass's last writes, which add
+/// rows to the table's last page.
+#[tokio::test]
+async fn pass_prunes_the_windows_it_wrote() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 6000;
+    fill(&db, rows, &old.key).await;
+    // Autovacuum would prune the pages too.
+    db.exec("ALTER TABLE t SET (autovacuum_enabled = false)")
+        .await;
+    db.exec("VACUUM ANALYZE t").await;
+    // On a table this small, PostgreSQL may plan a write as a scan of the
+    // whole table, which prunes every page it passes. Generic plans go
+    // straight to each row, as the plans for a large table do.
+    db.exec(&format!(
+        "ALTER DATABASE {} SET plan_cache_mode = force_generic_plan",
+        db.name
+    ))
+    .await;
+
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path)
+            .args(PHYSICAL)
+            .args(["--batch-size", "1000"]),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(first_target_count(&summary, "reencrypted"), rows, "{text}");
+    assert_reads(&db, &new.key, rows, plaintext).await;
+    let last = last_block(&db).await;
+    let last_lsn = &page_lsns(&db, "t", last, last).await[0];
+    // The pass's first window is its first 16 blocks.
+    for (block, lsn) in page_lsns(&db, "t", 0, 15).await.iter().enumerate() {
+        let earlier: bool = sqlx::query_scalar("SELECT $1::pg_lsn < $2::pg_lsn")
+            .bind(lsn)
+            .bind(last_lsn)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert!(
+            earlier,
+            "block {block} last changed at {lsn}, after the last block ({last_lsn})"
+        );
+    }
+}
