@@ -437,7 +437,7 @@ async fn revisit(
 }
 
 /// Reads again the windows whose writes have all committed since the last
-/// call (see `WrittenWindows`).
+/// call (see `WrittenWindows`), unless the run is stopping.
 async fn read_written_windows(
     settings: &PipelineSettings,
     statements: &Statements,
@@ -446,13 +446,21 @@ async fn read_written_windows(
 ) {
     let spans = std::mem::take(&mut *lock_written(written));
     for (first, last) in spans {
-        // One failure is enough: the others would most likely fail the same
-        // way, and each could take the pool's whole wait for a connection.
+        if settings.stop.load(Ordering::SeqCst) || settings.lease_lost.load(Ordering::SeqCst) {
+            return;
+        }
+        // After one failure the others would most likely fail the same way,
+        // and each would wait up to `READ_AGAIN_TIMEOUT`.
         if !read_again(settings, statements, work, &first, &last).await {
-            break;
+            return;
         }
     }
 }
+
+/// How long a read of a written window may take. The read only saves the
+/// server work, so it must not hold up a stop or an error for long when the
+/// database does not respond.
+const READ_AGAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Locks the list of written windows. The list stays whole even if a task
 /// panicked while holding it, since each change is one push or one take.
@@ -463,7 +471,8 @@ fn lock_written(written: &WrittenWindows) -> std::sync::MutexGuard<'_, Vec<(Stri
 }
 
 /// Reads the rows from position `first` to `last` again, so that PostgreSQL
-/// prunes the old versions written there (see `revisit`).
+/// prunes the old versions written there (see `revisit`). Returns whether
+/// the read succeeded within `READ_AGAIN_TIMEOUT`. A failure is only logged.
 async fn read_again(
     settings: &PipelineSettings,
     statements: &Statements,
@@ -480,13 +489,13 @@ async fn read_again(
             .await?;
         tx.commit().await
     };
-    match read.await {
-        Ok(()) => true,
-        Err(error) => {
-            tracing::debug!(target = %work.target_label, range = work.range_index, error = %db::describe(&error), "Could not read a window's rows again.");
-            false
-        }
-    }
+    let error = match tokio::time::timeout(READ_AGAIN_TIMEOUT, read).await {
+        Ok(Ok(())) => return true,
+        Ok(Err(error)) => db::describe(&error),
+        Err(_) => format!("no answer within {} seconds", READ_AGAIN_TIMEOUT.as_secs()),
+    };
+    tracing::debug!(target = %work.target_label, range = work.range_index, first, last, error = %error, "Failed to read a window's rows again; the final sweep prunes their old versions instead.");
+    false
 }
 
 struct ClassifiedBatch {
@@ -644,19 +653,20 @@ fn phase_of_rows(batch: &Batch, decisions: &[Decision], of: usize) -> Vec<usize>
 /// Each phase after the first rewrites its rows in the room that the old
 /// versions pruned from the page leave, but each of its rows also takes a
 /// new line pointer of 4 bytes, which pruning keeps. So the room shrinks
-/// from phase to phase, and the larger phases must come first. A page of 43
-/// rows of 184 bytes took 9, 9, 8, 9 and 8 rows when the larger phases were
-/// spread out; the fourth phase did not fit, and one of its rows per page
-/// moved to another page and added an index entry. As 9, 9, 9, 8 and 8,
-/// every phase fits.
+/// from phase to phase, and the larger phases must come first. On pages of
+/// 43 rows of 184 bytes, the phases once took 9, 9, 8, 9 and 8 rows. The
+/// fourth phase did not fit, and one of its rows per page moved to another
+/// page and added an index entry. With 9, 9, 9, 8 and 8 rows, every phase
+/// fits.
 fn phase_of_rank(rank: usize, rows: usize, of: usize) -> usize {
-    let each = rows / of;
-    let larger = rows % of;
-    let in_larger = larger * (each + 1);
-    if rank < in_larger {
-        rank / (each + 1)
+    debug_assert!(of > 0 && rank < rows);
+    let size = rows / of;
+    let larger_phases = rows % of;
+    let rows_in_larger = larger_phases * (size + 1);
+    if rank < rows_in_larger {
+        rank / (size + 1)
     } else {
-        larger + (rank - in_larger) / each
+        larger_phases + (rank - rows_in_larger) / size
     }
 }
 
@@ -693,12 +703,14 @@ fn rows_after_timeout(phase: Phase, rows: usize, read_rows: usize, min_rows: usi
 }
 
 /// The first and last positions of windows whose writes have all committed.
-/// The reader reads them again before its next window, beside the writer's
-/// work (see `read_again`). Otherwise the old versions that each window's
-/// last write leaves are pruned by the final sweep's scan. By then a
-/// checkpoint has mostly passed, and the server logs a full-page image for
-/// each page it prunes: at 5M rows with 1 GB of `max_wal_size`, a fifth of
-/// the run's WAL.
+/// The reader reads each of them once again before it fetches its next
+/// window, while the writer writes (see `read_again`), so that PostgreSQL
+/// prunes the old versions that the window's last write left. Otherwise the
+/// final sweep's scan prunes them. Most pages have then been written out at
+/// a checkpoint since the pass wrote them, so the server logs a full-page
+/// image for each page it prunes. At 5M rows on a server with 1 GB of
+/// `max_wal_size` (`bench/run.sh`), those images took a fifth of the run's
+/// WAL.
 type WrittenWindows = Arc<std::sync::Mutex<Vec<(String, String)>>>;
 
 /// A batch read for the writer: its phases still to write, in order.
@@ -878,6 +890,8 @@ pub async fn run_range(
                 let Ok(permit) = sender.reserve().await else {
                     return false;
                 };
+                // The server prunes the windows written since the last fetch
+                // while the writer works on the next one.
                 read_written_windows(&settings, &statements, &work, &written_windows).await;
                 let limit = batch_rows.load(Ordering::Relaxed);
                 let batch = if let Some(scan) = &work.physical {
@@ -1113,6 +1127,8 @@ pub async fn run_range(
                         std::mem::take(&mut window.seconds),
                     );
                 }
+                // The window's last write has committed, so its old versions
+                // may now be pruned.
                 if window.parts.is_empty() {
                     if let Some(span) = window.span.take() {
                         lock_written(&written_windows).push(span);
@@ -1141,8 +1157,8 @@ pub async fn run_range(
             )))
         }
     };
-    // The windows written after the reader's last fetch.
-    if result.is_ok() {
+    // The windows whose last write committed after the reader's last read.
+    if result.is_ok() && exhausted {
         read_written_windows(settings, &statements, &work, &written_windows).await;
     }
     // The reader also ends without an error on a stop request, maybe before
