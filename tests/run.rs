@@ -525,11 +525,12 @@ async fn resume_after_kill_and_signal() {
 /// Rows the pass has scanned so far by its checkpoints, or 0 before the run
 /// has made its checkpoint tables.
 async fn scanned_so_far(db: &TestDb) -> i64 {
-    let made: bool = sqlx::query_scalar("SELECT to_regclass('reencrypt.ranges') IS NOT NULL")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    if !made {
+    let table_exists: bool =
+        sqlx::query_scalar("SELECT to_regclass('reencrypt.ranges') IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    if !table_exists {
         return 0;
     }
     sqlx::query_scalar("SELECT COALESCE(sum(rows_scanned), 0)::int8 FROM reencrypt.ranges")
