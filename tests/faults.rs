@@ -729,6 +729,24 @@ struct WriterLog {
     operations: u64,
 }
 
+/// Writes each `(id, plaintext)` under `old` only, in one transaction.
+async fn write_in_one_transaction(
+    pool: &PgPool,
+    writes: &[(i64, String)],
+    old: &Key,
+    new: &Key,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    for (id, text) in writes {
+        sqlx::query("UPDATE t SET secret = $2 WHERE id = $1")
+            .bind(id)
+            .bind(encrypt_only_under(old, new, text))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
 /// Plays one application writer: makes `operations` updates, inserts and
 /// deletes, under either key, of the rows up to `rows` whose id is `index`
 /// modulo `writers`, and of rows it inserts.
@@ -797,21 +815,28 @@ async fn application_writer(
             log.last.insert(id, Some(plaintext));
             log.old_key_behind_checkpoint.insert(id, true);
         } else if choice < 80 {
-            // Several rows in one transaction, under the old key.
-            let mut tx = pool.begin().await.unwrap();
-            for part in 0..5 {
-                let id = live[random.between(0, live.len() as u64 - 1) as usize];
-                let text = format!("{plaintext}-{part}");
-                sqlx::query("UPDATE t SET secret = $2 WHERE id = $1")
-                    .bind(id)
-                    .bind(encrypt_only_under(&old, &new, &text))
-                    .execute(&mut *tx)
-                    .await
-                    .unwrap();
+            // Several rows in one transaction, under the old key, in random
+            // order. A batch of the run may lock the same rows in key order,
+            // and PostgreSQL may then end this transaction as a deadlock.
+            // The application retries it, as a real one would, and logs its
+            // writes once it commits.
+            let writes: Vec<(i64, String)> = (0..5)
+                .map(|part| {
+                    let id = live[random.between(0, live.len() as u64 - 1) as usize];
+                    (id, format!("{plaintext}-{part}"))
+                })
+                .collect();
+            while let Err(error) = write_in_one_transaction(&pool, &writes, &old, &new).await {
+                let deadlock = error
+                    .as_database_error()
+                    .and_then(|e| e.code())
+                    .is_some_and(|code| code == "40P01");
+                assert!(deadlock, "the application's transaction failed: {error}");
+            }
+            for (id, text) in writes {
                 log.last.insert(id, Some(text));
                 log.old_key_behind_checkpoint.insert(id, false);
             }
-            tx.commit().await.unwrap();
         } else if choice < 90 {
             // Insert a row past the range the run fixed at its start.
             let id = next_insert;
