@@ -4,8 +4,10 @@
 //!
 //! Both depend on PostgreSQL pruning a page as soon as the old versions on
 //! it are dead. A transaction open at that moment, even in another
-//! database, can put the pruning off, so these tests run one at a time and
-//! in a test binary of their own.
+//! database, can put the pruning off. So these tests run one at a time, in
+//! a test binary of their own, and try again in a new database when a run
+//! shows less pruning than expected: up to `ATTEMPTS` runs, of which one
+//! must show it all.
 
 mod common;
 
@@ -19,6 +21,26 @@ const PHYSICAL: [&str; 2] = ["--scan-order", "physical"];
 
 /// Held by each test, so that they run one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+/// Runs of a test's scenario, each in a new database, before it fails.
+const ATTEMPTS: usize = 3;
+
+/// Runs `scenario` until it returns `Ok`, at most `ATTEMPTS` times, and
+/// fails with what each run found otherwise.
+async fn in_attempts<F, Fut>(scenario: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut found = Vec::new();
+    for _ in 0..ATTEMPTS {
+        match scenario().await {
+            Ok(()) => return,
+            Err(finding) => found.push(finding),
+        }
+    }
+    panic!("no run of {ATTEMPTS} showed the pruning expected: {found:?}");
+}
 
 /// Returns the position in the WAL of the last change to each of `table`'s
 /// pages from `first` to `last`, read from the raw pages.
@@ -43,6 +65,12 @@ async fn page_lsns(db: &TestDb, table: &str, first: i64, last: i64) -> Vec<Strin
 #[tokio::test]
 async fn pass_prunes_the_windows_it_wrote() {
     let _alone = ONE_AT_A_TIME.lock().await;
+    in_attempts(pass_prunes_first_window).await;
+}
+
+/// Runs a pass over a new table, checks its result, and returns `Err` when
+/// a page of its first window changed after its last block.
+async fn pass_prunes_first_window() -> Result<(), String> {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -80,11 +108,13 @@ async fn pass_prunes_the_windows_it_wrote() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-        assert!(
-            earlier,
-            "block {block} last changed at {lsn}, after the last block ({last_lsn})"
-        );
+        if !earlier {
+            return Err(format!(
+                "block {block} last changed at {lsn}, after the last block ({last_lsn})"
+            ));
+        }
     }
+    Ok(())
 }
 
 /// A writer alone writes each page's rows in five phases. The first moves
@@ -98,6 +128,12 @@ async fn pass_prunes_the_windows_it_wrote() {
 #[tokio::test]
 async fn later_phases_fit_in_their_page() {
     let _alone = ONE_AT_A_TIME.lock().await;
+    in_attempts(phases_over_new_table).await;
+}
+
+/// Runs a pass over a new table of 16 full pages, checks its result, and
+/// returns `Err` when more rows than the first phase's left their page.
+async fn phases_over_new_table() -> Result<(), String> {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
@@ -142,7 +178,6 @@ async fn later_phases_fit_in_their_page() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert_eq!(moved, 9 * pages, "rows that left their page");
     let stored: Vec<String> = sqlx::query_scalar("SELECT client_secret FROM c")
         .fetch_all(&db.pool)
         .await
@@ -159,4 +194,8 @@ async fn later_phases_fit_in_their_page() {
     let mut expected: Vec<String> = (0..rows).map(secret).collect();
     expected.sort();
     assert_eq!(read, expected);
+    if moved != 9 * pages {
+        return Err(format!("{moved} rows left their page, not {}", 9 * pages));
+    }
+    Ok(())
 }
