@@ -5,9 +5,8 @@
 //! Both depend on PostgreSQL pruning a page as soon as the old versions on
 //! it are dead. A transaction open at that moment, even in another
 //! database, can put the pruning off. So these tests run one at a time, in
-//! a test binary of their own, and try again in a new database when a run
-//! shows less pruning than expected: up to `ATTEMPTS` runs, of which one
-//! must show it all.
+//! a test binary of their own. When a run shows less pruning than expected,
+//! a test tries again in a new database, up to `ATTEMPTS` runs in all.
 
 mod common;
 
