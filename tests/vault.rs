@@ -144,7 +144,10 @@ impl OpenBao {
         panic!("OpenBao dev server did not start after 5 tries");
     }
 
-    /// Waits until `bao status` succeeds; false when the server exited.
+    /// Waits until the server accepts this server's root token; false when
+    /// the server exited. `bao status` needs no token, so it also succeeds
+    /// against another test's server that took the same port first, and
+    /// the later writes then fail with "permission denied".
     fn wait_until_ready(&mut self) -> bool {
         let started = Instant::now();
         while started.elapsed() < STARTUP_TIMEOUT {
@@ -152,7 +155,7 @@ impl OpenBao {
                 return false;
             }
             if self
-                .bao_command(&["status"])
+                .bao_command(&["token", "lookup"])
                 .output()
                 .unwrap()
                 .status
