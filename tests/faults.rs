@@ -826,12 +826,18 @@ async fn application_writer(
                     (id, format!("{plaintext}-{part}"))
                 })
                 .collect();
+            let mut attempts = 0;
             while let Err(error) = write_in_one_transaction(&pool, &writes, &old, &new).await {
                 let deadlock = error
                     .as_database_error()
                     .and_then(|e| e.code())
                     .is_some_and(|code| code == "40P01");
                 assert!(deadlock, "the application's transaction failed: {error}");
+                attempts += 1;
+                assert!(
+                    attempts < 10,
+                    "the application's transaction deadlocked {attempts} times"
+                );
             }
             for (id, text) in writes {
                 log.last.insert(id, Some(text));
