@@ -492,9 +492,9 @@ async fn read_again(
     let error = match tokio::time::timeout(READ_AGAIN_TIMEOUT, read).await {
         Ok(Ok(())) => return true,
         Ok(Err(error)) => db::describe(&error),
-        Err(_) => format!("no answer within {} seconds", READ_AGAIN_TIMEOUT.as_secs()),
+        Err(_) => format!("timed out after {} seconds", READ_AGAIN_TIMEOUT.as_secs()),
     };
-    tracing::debug!(target = %work.target_label, range = work.range_index, first, last, error = %error, "Failed to read a window's rows again; the final sweep prunes their old versions instead.");
+    tracing::debug!(target = %work.target_label, range = work.range_index, first, last, error = %error, "Failed to read a window's rows again, so the final sweep prunes their old versions instead.");
     false
 }
 
@@ -730,12 +730,14 @@ struct OpenWindow {
 
 impl OpenWindow {
     fn new(batch: ClassifiedBatch, pass: Pass, number: u64, phases: usize) -> OpenWindow {
-        let rewrites = batch.decisions.iter().any(|d| d.new_value.is_some());
-        let span = match (batch.batch.positions.first(), batch.batch.positions.last()) {
-            (Some(first), Some(last)) if pass == Pass::Main && batch.batch.physical && rewrites => {
-                Some((first.clone(), last.clone()))
-            }
-            _ => None,
+        let rewrites = pass == Pass::Main
+            && batch.batch.physical
+            && batch.decisions.iter().any(|d| d.new_value.is_some());
+        let positions = &batch.batch.positions;
+        let span = if rewrites {
+            positions.first().cloned().zip(positions.last().cloned())
+        } else {
+            None
         };
         let parts = if batch.worth_phases(pass) {
             batch.into_phases(phases).into()

@@ -18,7 +18,7 @@ use tokio::sync::Mutex;
 
 const PHYSICAL: [&str; 2] = ["--scan-order", "physical"];
 
-/// Held by each test, so that they run one at a time.
+/// The lock that each test takes, so that the tests run one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
 /// Runs of a test's scenario, each in a new database, before it fails.

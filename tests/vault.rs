@@ -144,8 +144,8 @@ impl OpenBao {
         panic!("OpenBao dev server did not start after 5 tries");
     }
 
-    /// Waits until the server accepts this server's root token; false when
-    /// the server exited. `bao status` needs no token, so it also succeeds
+    /// Waits until the server accepts this server's root token. Returns
+    /// false when the server exited. `bao status` needs no token, so it also succeeds
     /// against another test's server that took the same port first, and
     /// the later writes then fail with "permission denied".
     fn wait_until_ready(&mut self) -> bool {

@@ -261,7 +261,7 @@ pub async fn fill(db: &TestDb, rows: i64, old: &Key) {
         .unwrap();
 }
 
-/// Returns the highest block that holds a row of `t`.
+/// Returns the highest block that contains a row of `t`.
 pub async fn last_block(db: &TestDb) -> i64 {
     sqlx::query_scalar("SELECT max((ctid::text::point)[0])::bigint FROM t")
         .fetch_one(&db.pool)
