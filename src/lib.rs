@@ -8,7 +8,8 @@
 //! - [`target`]: `[schema.]table.column` parsing and catalog lookup.
 //! - [`statements`]: the SQL of one target; [`db`]: pool, timeouts, retryable errors.
 //! - [`checkpoint`]: the worker's tables (jobs, ranges, attention, runs); [`lease`]: one runner per job.
-//! - [`pipeline`]: fetch, classify and write one key range; [`throttle`]: rate limits.
+//! - [`pipeline`]: fetch, classify and write one key range; [`position`]: row positions;
+//!   [`throttle`]: rate limits.
 //! - [`sweep`]: which key spans the final sweeps read whole or only for changed rows.
 //! - [`scan`]: read-only scans that classify every row (or a sample) and write nothing.
 //! - [`run`]: the `run` command; [`inspect`]: `plan`, `verify`, `status`, `reset`, `release`, `keys`.
@@ -29,6 +30,7 @@ pub mod keys;
 pub mod lease;
 pub mod metrics;
 pub mod pipeline;
+pub mod position;
 pub mod progress;
 pub mod push;
 pub mod report;

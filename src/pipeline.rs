@@ -20,6 +20,7 @@ use crate::classify::{Decision, Keyring, Outcome};
 use crate::db::{self, Database, TransientKind};
 use crate::lease::Holder;
 use crate::metrics;
+use crate::position::RowPosition;
 use crate::statements::{display_key, key_label, Statements};
 use crate::throttle::Throttle;
 
@@ -214,8 +215,8 @@ struct Batch {
     /// `keys[c][r]`: key column `c` of row `r`, as text.
     keys: Vec<Vec<String>>,
     values: Vec<Option<String>>,
-    /// Each row's `ctid` when it was read, as text.
-    positions: Vec<String>,
+    /// Each row's `ctid` when it was read.
+    positions: Vec<RowPosition>,
     /// The batch's end, for the checkpoint: the last key, or in physical
     /// order the position the next batch reads after.
     end: Vec<String>,
@@ -249,7 +250,7 @@ impl Batch {
     /// Returns the end of a batch whose last row is `row`, for the checkpoint.
     fn end_at(&self, row: usize) -> Vec<String> {
         if self.physical {
-            vec![self.positions[row].clone()]
+            vec![self.positions[row].to_string()]
         } else {
             self.key_of(row)
         }
@@ -433,7 +434,7 @@ async fn revisit(
     let (Some(first), Some(last)) = (batch.positions.first(), batch.positions.last()) else {
         return;
     };
-    read_again(settings, statements, work, first, last).await;
+    read_again(settings, statements, work, *first, *last).await;
 }
 
 /// Reads again the windows whose writes have all committed since the last
@@ -451,7 +452,7 @@ async fn read_written_windows(
         }
         // After one failure the others would most likely fail the same way,
         // and each would wait up to `READ_AGAIN_TIMEOUT`.
-        if !read_again(settings, statements, work, &first, &last).await {
+        if !read_again(settings, statements, work, first, last).await {
             return;
         }
     }
@@ -464,7 +465,9 @@ const READ_AGAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Locks the list of written windows. The list stays whole even if a task
 /// panicked while holding it, since each change is one push or one take.
-fn lock_written(written: &WrittenWindows) -> std::sync::MutexGuard<'_, Vec<(String, String)>> {
+fn lock_written(
+    written: &WrittenWindows,
+) -> std::sync::MutexGuard<'_, Vec<(RowPosition, RowPosition)>> {
     written
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -477,8 +480,8 @@ async fn read_again(
     settings: &PipelineSettings,
     statements: &Statements,
     work: &RangeWork,
-    first: &str,
-    last: &str,
+    first: RowPosition,
+    last: RowPosition,
 ) -> bool {
     let read = async {
         let mut tx = settings.db.begin_read_only().await?;
@@ -494,7 +497,7 @@ async fn read_again(
         Ok(Err(error)) => db::describe(&error),
         Err(_) => format!("timed out after {} seconds", READ_AGAIN_TIMEOUT.as_secs()),
     };
-    tracing::debug!(target = %work.target_label, range = work.range_index, first, last, error = %error, "Failed to read a window's rows again, so the final sweep prunes their old versions instead.");
+    tracing::debug!(target = %work.target_label, range = work.range_index, %first, %last, error = %error, "Failed to read a window's rows again, so the final sweep prunes their old versions instead.");
     false
 }
 
@@ -632,10 +635,7 @@ fn phase_of_rows(batch: &Batch, decisions: &[Decision], of: usize) -> Vec<usize>
     let rewrites: Vec<usize> = (0..decisions.len())
         .filter(|&row| decisions[row].new_value.is_some())
         .collect();
-    let page = |row: usize| {
-        let position = batch.positions.get(row).map_or("", String::as_str);
-        position.split(',').next().unwrap_or(position)
-    };
+    let page = |row: usize| batch.positions.get(row).map(|position| position.block);
     for rows in rewrites.chunk_by(|&a, &b| page(a) == page(b)) {
         let mut ranked = rows.to_vec();
         ranked.sort_by(|&a, &b| compare_in_index_order(&batch.keys, a, b));
@@ -711,14 +711,14 @@ fn rows_after_timeout(phase: Phase, rows: usize, read_rows: usize, min_rows: usi
 /// image for each page it prunes. At 5M rows on a server with 1 GB of
 /// `max_wal_size` (`bench/run.sh`), those images took a fifth of the run's
 /// WAL.
-type WrittenWindows = Arc<std::sync::Mutex<Vec<(String, String)>>>;
+type WrittenWindows = Arc<std::sync::Mutex<Vec<(RowPosition, RowPosition)>>>;
 
 /// A batch read for the writer: its phases still to write, in order.
 struct OpenWindow {
     parts: VecDeque<ClassifiedBatch>,
     /// The first and last positions of a pass's window in physical order
     /// with rows to rewrite, for `WrittenWindows`.
-    span: Option<(String, String)>,
+    span: Option<(RowPosition, RowPosition)>,
     /// The window's number among those the range's writer read, from 1,
     /// for the batch log.
     number: u64,
@@ -735,7 +735,7 @@ impl OpenWindow {
             && batch.decisions.iter().any(|d| d.new_value.is_some());
         let positions = &batch.batch.positions;
         let span = if rewrites {
-            positions.first().cloned().zip(positions.last().cloned())
+            positions.first().copied().zip(positions.last().copied())
         } else {
             None
         };
@@ -1979,7 +1979,7 @@ async fn update<'a>(
         true => &statements.write_in_key_order,
         false => &statements.write,
     };
-    let mut query = sqlx::query_as::<_, (i64, bool)>(statement);
+    let mut query = sqlx::query_as::<_, (Vec<i64>, Vec<i64>)>(statement);
     for column in &batch.keys {
         let keys: Vec<&str> = rows.iter().map(|&r| column[r].as_str()).collect();
         query = query.bind(keys);
@@ -1991,20 +1991,16 @@ async fn update<'a>(
     let new: Vec<&str> = rows.iter().map(|&r| new_value(r)).collect();
     query = query.bind(old).bind(new);
     if statements.by_position {
-        let positions: Vec<&str> = rows.iter().map(|&r| batch.positions[r].as_str()).collect();
+        let positions: Vec<RowPosition> = rows.iter().map(|&r| batch.positions[r]).collect();
         query = query.bind(positions);
     }
-    let returned = query.fetch_all(conn).await?;
-    let mut written = Vec::with_capacity(returned.len());
-    for (ord, stored_as_written) in returned {
-        let row = rows[(ord - 1) as usize];
-        if !stored_as_written {
-            tracing::warn!(key = %display_key(&key_label(&batch.key_of(row))), "The row contains another value than the one written, so a trigger changed it; the write is undone and the row left unchanged.");
-            outcomes[row] = Outcome::WriteRejected;
-        }
-        written.push(row);
+    let (written, not_stored) = query.fetch_one(conn).await?;
+    let row_of = |ord: i64| rows[(ord - 1) as usize];
+    for row in not_stored.into_iter().map(row_of) {
+        tracing::warn!(key = %display_key(&key_label(&batch.key_of(row))), "The row contains another value than the one written, so a trigger changed it; the write is undone and the row left unchanged.");
+        outcomes[row] = Outcome::WriteRejected;
     }
-    Ok(written)
+    Ok(written.into_iter().map(row_of).collect())
 }
 
 /// Re-reads conflicted rows under a row lock, classifies their current values,
@@ -2030,7 +2026,7 @@ async fn resolve_conflicts(
         outcomes[row] = Outcome::Deleted;
     }
     let mut current: Vec<(usize, Option<String>)> = Vec::with_capacity(locked.len());
-    let mut positions: Vec<String> = Vec::with_capacity(locked.len());
+    let mut positions: Vec<RowPosition> = Vec::with_capacity(locked.len());
     for row in &locked {
         let ord: i64 = row.try_get(0)?;
         current.push((conflicted[(ord - 1) as usize], row.try_get(1)?));
@@ -2104,11 +2100,16 @@ async fn resolve_conflicts(
 mod tests {
     use super::*;
 
+    fn at(block: u32, offset: usize) -> RowPosition {
+        let offset = u16::try_from(offset).unwrap();
+        RowPosition { block, offset }
+    }
+
     fn batch(keys: &[&str], physical: bool) -> Batch {
         Batch {
             keys: vec![keys.iter().map(|k| k.to_string()).collect()],
             values: vec![None; keys.len()],
-            positions: (0..keys.len()).map(|i| format!("(0,{})", i + 1)).collect(),
+            positions: (0..keys.len()).map(|i| at(0, i + 1)).collect(),
             end: Vec::new(),
             physical,
             in_key_order: physical,
@@ -2200,8 +2201,8 @@ mod tests {
         assert_eq!(second.batch.len(), 21);
         assert_eq!(last.batch.keys[0][..3], ["3", "45", "46"]);
         assert_eq!(last.batch.len(), 22);
-        assert_eq!(first.batch.positions[1], "(0,2)");
-        assert_eq!(last.batch.positions[1], "(0,45)");
+        assert_eq!(first.batch.positions[1], at(0, 2));
+        assert_eq!(last.batch.positions[1], at(0, 45));
         assert!(first.decisions.iter().all(|d| d.new_value.is_some()));
         assert!(second.decisions.iter().all(|d| d.new_value.is_some()));
         let rows: usize = phases.iter().map(|p| p.batch.len()).sum();
@@ -2231,7 +2232,7 @@ mod tests {
         assert!(head.batch.end.is_empty());
         assert!(tail.batch.end.is_empty());
         let (head, tail) = last.split(10);
-        assert_eq!(head.batch.end, vec![head.batch.positions[9].clone()]);
+        assert_eq!(head.batch.end, vec![head.batch.positions[9].to_string()]);
         assert_eq!(tail.batch.end, vec!["(9,0)".to_string()]);
     }
 
@@ -2250,11 +2251,10 @@ mod tests {
         // Page 7 contains six rows, one of them with nothing to write, and
         // page 8 contains three. Integer keys compare as numbers: 9 comes before 10.
         let mut window = batch(&["30", "10", "9", "50", "20", "40", "3", "1", "2"], true);
-        window.positions = [
-            "(7,1)", "(7,2)", "(7,3)", "(7,4)", "(7,5)", "(7,6)", "(8,1)", "(8,2)", "(8,3)",
-        ]
-        .map(String::from)
-        .to_vec();
+        window.positions = (1..=6)
+            .map(|offset| at(7, offset))
+            .chain((1..=3).map(|offset| at(8, offset)))
+            .collect();
         let mut decisions = vec![rewrite.clone(); 9];
         decisions[5] = current;
         assert_eq!(
@@ -2320,7 +2320,7 @@ mod tests {
         // last, empty, keeps the window's end.
         let mut window = classified(MIN_ROWS_FOR_PHASES + 1, "(99,0)");
         window.batch.positions = (0..window.batch.len())
-            .map(|page| format!("({page},1)"))
+            .map(|page| at(u32::try_from(page).unwrap(), 1))
             .collect();
         let phases = window.into_phases(5);
         assert_eq!(phases.len(), 2);

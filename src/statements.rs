@@ -22,8 +22,9 @@ pub struct Statements {
     /// Keys repeat across an inheritance tree, whose primary key covers only
     /// the parent.
     pub key_group: String,
-    /// Compare-and-swap update from arrays; returns the ordinals written and
-    /// whether each row stores the value written.
+    /// Compare-and-swap update from arrays; returns one row: the ordinals
+    /// written, and those of rows that store another value than the one
+    /// written.
     pub write: String,
     /// `write` for rows not in key order: it sorts them by key first.
     pub write_in_key_order: String,
@@ -88,8 +89,7 @@ impl Statements {
         // the inclusive upper bound's, then the row limit, then for a sweep of
         // changed rows the horizon and the writers (see `ChangedSince`).
         // The row's position comes last, after the value; see `by_position`.
-        let columns =
-            format!("{key_text}, t.{column}::text AS value, t.ctid::text AS row_position");
+        let columns = format!("{key_text}, t.{column}::text AS value, t.ctid AS row_position");
         let select = format!("SELECT {columns} FROM {table} AS t");
         let order = format!("ORDER BY {key_list}");
         let fetch_variant = |has_lower: bool, has_upper: bool, changed: bool| -> String {
@@ -137,7 +137,10 @@ impl Statements {
         let array_columns: Vec<String> = (1..=key_len).map(|i| format!("k{i}")).collect();
         let array_count = key_len + 2 + usize::from(by_position);
         let arrays = (1..=array_count)
-            .map(|i| format!("${i}::text[]"))
+            .map(|i| match by_position && i == array_count {
+                true => format!("${i}::tid[]"),
+                false => format!("${i}::text[]"),
+            })
             .collect::<Vec<_>>()
             .join(", ");
         let join_keys = target
@@ -151,7 +154,7 @@ impl Statements {
         // index lookup. The key and old value must still match, so a row that
         // moved or changed since it was read is not written.
         let (position_column, position_join) = if by_position {
-            (", row_position", "t.ctid = u.row_position::tid AND ")
+            (", row_position", "t.ctid = u.row_position AND ")
         } else {
             ("", "")
         };
@@ -172,11 +175,16 @@ impl Statements {
             .map(|(i, k)| format!("u.k{}::{}", i + 1, k.type_name))
             .collect::<Vec<_>>()
             .join(", ");
+        // One row comes back for the whole batch: the ordinals written, and
+        // those of rows that store another value than the one written. A
+        // row per ordinal would cost the server and this process a message
+        // each.
         let write_from = |from: &str| {
             format!(
-                "UPDATE {table} AS t SET {column} = u.new_value FROM {from} \
+                "WITH w AS (UPDATE {table} AS t SET {column} = u.new_value FROM {from} \
                  WHERE {position_join}{join_keys} AND t.{column}::text COLLATE \"C\" = u.old_value COLLATE \"C\" \
-                 RETURNING u.ord, t.{column}::text COLLATE \"C\" IS NOT DISTINCT FROM u.new_value COLLATE \"C\""
+                 RETURNING u.ord, t.{column}::text COLLATE \"C\" IS NOT DISTINCT FROM u.new_value COLLATE \"C\" AS stored) \
+                 SELECT coalesce(array_agg(ord), '{{}}'), coalesce(array_agg(ord) FILTER (WHERE NOT stored), '{{}}') FROM w"
             )
         };
         let write = write_from(&rows);
@@ -190,7 +198,7 @@ impl Statements {
             .collect::<Vec<_>>()
             .join(", ");
         let lock = format!(
-            "SELECT u.ord, t.{column}::text, t.ctid::text FROM unnest({lock_arrays}) WITH ORDINALITY AS u({}, ord) \
+            "SELECT u.ord, t.{column}::text, t.ctid FROM unnest({lock_arrays}) WITH ORDINALITY AS u({}, ord) \
              JOIN {table} AS t ON {join_keys} FOR UPDATE OF t",
             array_columns.join(", ")
         );

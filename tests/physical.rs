@@ -13,6 +13,7 @@ use common::{
     KeyFile, TestDb,
 };
 use reencrypt::db::{Database, Timeouts};
+use reencrypt::position::RowPosition;
 use reencrypt::sweep::TableState;
 use tokio::sync::Mutex;
 
@@ -811,4 +812,45 @@ async fn physical_pass_with_mixed_text_keys() {
         let read = reencrypt::classify::decrypt_to_string(&new.key, &secret).map(|p| p.to_string());
         assert_eq!(read.as_deref(), Some(plaintext(i).as_str()), "{code}");
     }
+}
+
+/// Row positions travel in PostgreSQL's binary form. Both fields at their
+/// extremes read back as PostgreSQL writes them, alone and in an array.
+#[tokio::test]
+async fn row_positions_match_postgresql() {
+    let db = TestDb::new().await;
+    let positions = [
+        RowPosition {
+            block: 0,
+            offset: 1,
+        },
+        RowPosition {
+            block: 4_294_967_294,
+            offset: 65_535,
+        },
+        RowPosition {
+            block: 70_000,
+            offset: 291,
+        },
+    ];
+    for position in positions {
+        let text: String = sqlx::query_scalar("SELECT $1::tid::text")
+            .bind(position)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(text, position.to_string());
+        let read: RowPosition = sqlx::query_scalar("SELECT $1::text::tid")
+            .bind(position.to_string())
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(read, position);
+    }
+    let texts: Vec<String> = sqlx::query_scalar("SELECT p::text FROM unnest($1::tid[]) AS p")
+        .bind(positions.to_vec())
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(texts, ["(0,1)", "(4294967294,65535)", "(70000,291)"]);
 }
