@@ -126,11 +126,15 @@ def main():
         if len(rates) == 5:
             figures = " / ".join(f"{rate:,.0f}" for rate in rates)
             print(f"    rows/s by fifth of the pass: {figures} (last / first: {rates[-1] / rates[0]:.2f})")
+    cpu_seconds = 0.0
     with open(time_path) as timing:
         for line in timing:
             if "Maximum resident set size" in line:
                 kib = int(line.rsplit(":", 1)[1])
                 print(f"  peak RSS: {kib / 1024:.1f} MiB")
+            elif "User time (seconds)" in line or "System time (seconds)" in line:
+                cpu_seconds += float(line.rsplit(":", 1)[1])
+    print(f"  CPU of the reencrypt process: {cpu_seconds:.2f} s, {cpu_seconds / (end - start):.2f} cores on average")
 
 
 if __name__ == "__main__":

@@ -187,6 +187,21 @@ record_failure() {
 }
 
 now() { date +%s.%N; }
+
+# Prints the machine's busy and total CPU time so far, in clock ticks,
+# from the first line of /proc/stat. Idle and I/O wait count as not busy.
+cpu_ticks() {
+  awk '/^cpu / { total = 0; for (i = 2; i <= NF; i++) total += $i; print total - $5 - $6, total; exit }' /proc/stat
+}
+
+# Prints the share of the machine's CPU time that was busy between two
+# readings of cpu_ticks, with every process on the machine counted.
+busy_share() {
+  local busy_before total_before busy_after total_after
+  read -r busy_before total_before <<<"$1"
+  read -r busy_after total_after <<<"$2"
+  python3 -c "print(f'{100 * ($busy_after - $busy_before) / max($total_after - $total_before, 1):.0f}%')"
+}
 rate() { python3 -c "print(round($rows / ($2 - $1)))"; }
 
 # Counts the rows whose client_secret decrypts under the new key to the
@@ -209,12 +224,15 @@ SQL
 # Measures the floor on a fresh copy of the template and sets floor_rate.
 floor() {
   fresh || return 1
-  local start end
+  local start end ticks_before ticks_after
+  ticks_before=$(cpu_ticks)
   start=$(now)
   psql -q -v ON_ERROR_STOP=1 "$url" -c "UPDATE credentials SET client_secret = client_secret || ''" || return 1
   end=$(now)
+  ticks_after=$(cpu_ticks)
   floor_rate=$(rate "$start" "$end")
   printf 'floor: one UPDATE over %d rows: %.2f s, %d rows/s\n' "$rows" "$(python3 -c "print($end - $start)")" "$floor_rate"
+  echo "  machine CPU busy: $(busy_share "$ticks_before" "$ticks_after") of $(nproc) cores"
   wal_figures
   printf '%s\tfloor\t-\t-\t%s\t%s\t-\n' "$rows" "$floor_rate" "$floor_rate" >>"$work/rates.tsv"
 }
@@ -225,7 +243,8 @@ measure() {
   local name="$work/$rows-$n-$order-$writers"
   local log="$name.log" summary="$name.json" timing="$name.time"
   fresh || { echo "error: could not copy the template table" >&2; return 1; }
-  local start end code=0
+  local start end code=0 ticks_before ticks_after
+  ticks_before=$(cpu_ticks)
   start=$(now)
   # shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments.
   RUST_LOG=info,sqlx=warn,reencrypt::pipeline=debug /usr/bin/time -v -o "$timing" \
@@ -235,6 +254,7 @@ measure() {
     --metrics-listen off --progress off --format json --scan-order "$order" --writers "$writers" ${BENCH_ARGS:-} \
     >"$summary" 2>"$log" || code=$?
   end=$(now)
+  ticks_after=$(cpu_ticks)
   if [ "$code" -ne 0 ]; then
     echo "error: $binary, $order order, $writers writer(s), $rows rows: the product exited with $code." \
       "The end of its log follows, and BENCH_KEEP=DIR keeps the whole log." >&2
@@ -266,6 +286,7 @@ else:
     "$binary" "$order" "$chosen" "$writers" "$(python3 -c "print($end - $start)")" "$product_rate" \
     "$(python3 -c "print($product_rate / $floor_rate)")" "$readable" "$rows"
   python3 "$here/batch_stats.py" "$log" "$start" "$end" "$timing"
+  echo "  machine CPU busy: $(busy_share "$ticks_before" "$ticks_after") of $(nproc) cores"
   psql -qAt -F ' ' "$url" -c "SELECT n_tup_upd, n_tup_hot_upd, pg_size_pretty(pg_table_size('credentials'))
     FROM pg_stat_user_tables WHERE relid = 'credentials'::regclass" |
     while read -r updates hot size; do
