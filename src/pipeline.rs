@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use rayon::prelude::*;
-use sqlx::{PgConnection, Postgres, Row, Transaction};
+use sqlx::postgres::PgRow;
+use sqlx::{FromRow, PgConnection, Postgres, Row, Transaction};
 use tokio::sync::mpsc;
 
 use crate::checkpoint::Counts;
@@ -1979,7 +1980,7 @@ async fn update<'a>(
         true => &statements.write_in_key_order,
         false => &statements.write,
     };
-    let mut query = sqlx::query_as::<_, (Vec<i64>, Vec<i64>)>(statement);
+    let mut query = sqlx::query(statement);
     for column in &batch.keys {
         let keys: Vec<&str> = rows.iter().map(|&r| column[r].as_str()).collect();
         query = query.bind(keys);
@@ -1994,7 +1995,24 @@ async fn update<'a>(
         let positions: Vec<RowPosition> = rows.iter().map(|&r| batch.positions[r]).collect();
         query = query.bind(positions);
     }
-    let (written, not_stored) = query.fetch_one(conn).await?;
+    let (written, not_stored) = if statements.write_row_per_row {
+        let returned = query
+            .try_map(|row: PgRow| <(i64, bool)>::from_row(&row))
+            .fetch_all(conn)
+            .await?;
+        let not_stored = returned
+            .iter()
+            .filter(|(_, stored)| !stored)
+            .map(|&(ord, _)| ord)
+            .collect();
+        let written = returned.into_iter().map(|(ord, _)| ord).collect();
+        (written, not_stored)
+    } else {
+        query
+            .try_map(|row: PgRow| <(Vec<i64>, Vec<i64>)>::from_row(&row))
+            .fetch_one(conn)
+            .await?
+    };
     let row_of = |ord: i64| rows[(ord - 1) as usize];
     for row in not_stored.into_iter().map(row_of) {
         tracing::warn!(key = %display_key(&key_label(&batch.key_of(row))), "The row contains another value than the one written, so a trigger changed it; the write is undone and the row left unchanged.");
@@ -2088,8 +2106,8 @@ async fn resolve_conflicts(
             && reread_outcomes[i] != Outcome::WriteRejected
         {
             // The row is locked and still contains the value read, so the
-            // UPDATE matched it and a trigger or rule skipped the change.
-            tracing::warn!(key = %display_key(&key_label(&batch.key_of(*row))), "The database did not apply the update to the row (a trigger or rule skipped it); the row is left unchanged.");
+            // UPDATE matched it and a trigger skipped the change.
+            tracing::warn!(key = %display_key(&key_label(&batch.key_of(*row))), "The database did not apply the update to the row (a trigger skipped it); the row is left unchanged.");
             outcomes[*row] = Outcome::WriteRejected;
         }
     }

@@ -1,9 +1,10 @@
 //! A row's position in its table (`ctid`), read and written in PostgreSQL's
 //! binary form.
 //!
-//! Every batch reads the position of each of its rows and writes it back to
-//! find the row again. As text, each position costs the server a conversion
-//! to text and one back, and this process a string; in binary it is six bytes.
+//! Every batch reads the position of each of its rows, and in a table
+//! without partitions or inheritance children its UPDATE finds each row
+//! again by it. As text, each position costs the server a conversion to
+//! text and one back, and this process a string. In binary it is six bytes.
 
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;

@@ -22,14 +22,19 @@ pub struct Statements {
     /// Keys repeat across an inheritance tree, whose primary key covers only
     /// the parent.
     pub key_group: String,
-    /// Compare-and-swap update from arrays; returns one row: the ordinals
+    /// Compare-and-swap update from arrays. Returns one row: the ordinals
     /// written, and those of rows that store another value than the one
-    /// written.
+    /// written. With `write_row_per_row`, a row per row written instead:
+    /// its ordinal and whether it stores the value written.
     pub write: String,
     /// `write` for rows not in key order: it sorts them by key first.
     pub write_in_key_order: String,
     /// Whether `write` also takes the rows' positions (`ctid`), as its last array.
     pub by_position: bool,
+    /// Whether `write` returns a row per row written. PostgreSQL rejects an
+    /// UPDATE inside a `WITH` query on a table with a rule on UPDATE, so
+    /// such a table's write cannot gather its results into one row.
+    pub write_row_per_row: bool,
     /// Reads every row between two positions, both included. Reading a page
     /// lets PostgreSQL prune the row versions on it that no transaction can
     /// see any more, which makes room for the next updates on that page.
@@ -179,13 +184,20 @@ impl Statements {
         // those of rows that store another value than the one written. A
         // row per ordinal would cost the server and this process a message
         // each.
+        let write_row_per_row = target.update_rule;
         let write_from = |from: &str| {
-            format!(
-                "WITH w AS (UPDATE {table} AS t SET {column} = u.new_value FROM {from} \
+            let update = format!(
+                "UPDATE {table} AS t SET {column} = u.new_value FROM {from} \
                  WHERE {position_join}{join_keys} AND t.{column}::text COLLATE \"C\" = u.old_value COLLATE \"C\" \
-                 RETURNING u.ord, t.{column}::text COLLATE \"C\" IS NOT DISTINCT FROM u.new_value COLLATE \"C\" AS stored) \
-                 SELECT coalesce(array_agg(ord), '{{}}'), coalesce(array_agg(ord) FILTER (WHERE NOT stored), '{{}}') FROM w"
-            )
+                 RETURNING u.ord, t.{column}::text COLLATE \"C\" IS NOT DISTINCT FROM u.new_value COLLATE \"C\" AS stored"
+            );
+            match write_row_per_row {
+                true => update,
+                false => format!(
+                    "WITH w AS ({update}) SELECT coalesce(array_agg(ord), '{{}}'), \
+                     coalesce(array_agg(ord) FILTER (WHERE NOT stored), '{{}}') FROM w"
+                ),
+            }
         };
         let write = write_from(&rows);
         let revisit = format!(
@@ -254,6 +266,7 @@ impl Statements {
             write,
             write_in_key_order,
             by_position,
+            write_row_per_row,
             revisit,
             lock,
             checkpoint,

@@ -249,6 +249,10 @@ pub struct Target {
     pub single_table: bool,
     /// The table has a DO INSTEAD rule on UPDATE.
     pub instead_rule: bool,
+    /// The table has a rule on UPDATE of any kind. PostgreSQL rejects an
+    /// UPDATE of such a table inside a `WITH` query.
+    #[serde(skip)]
+    pub update_rule: bool,
 }
 
 impl fmt::Display for Target {
@@ -340,8 +344,9 @@ impl Target {
 
         // An UPDATE rewritten into other statements by a DO INSTEAD rule
         // would not write the rows read; `run` rejects such a target.
-        let instead_rule: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = $1::oid AND ev_type = '2' AND is_instead)",
+        let (instead_rule, update_rule): (bool, bool) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = $1::oid AND ev_type = '2' AND is_instead), \
+                    EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = $1::oid AND ev_type = '2')",
         )
         .bind(oid)
         .fetch_one(&mut *conn)
@@ -432,6 +437,7 @@ impl Target {
             estimated_rows,
             single_table: kind == "r" && !has_children,
             instead_rule,
+            update_rule,
         })
     }
 }
@@ -578,6 +584,7 @@ mod tests {
             estimated_rows: 0,
             single_table: true,
             instead_rule: false,
+            update_rule: false,
         };
         assert_eq!(target.label(), r#"public.order."Check""#);
     }

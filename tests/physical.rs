@@ -814,8 +814,9 @@ async fn physical_pass_with_mixed_text_keys() {
     }
 }
 
-/// Row positions travel in PostgreSQL's binary form. Both fields at their
-/// extremes read back as PostgreSQL writes them, alone and in an array.
+/// Row positions travel in PostgreSQL's binary form. Positions with the
+/// smallest and largest values of both fields read back as PostgreSQL
+/// writes them, alone and in an array.
 #[tokio::test]
 async fn row_positions_match_postgresql() {
     let db = TestDb::new().await;
@@ -825,8 +826,8 @@ async fn row_positions_match_postgresql() {
             offset: 1,
         },
         RowPosition {
-            block: 4_294_967_294,
-            offset: 65_535,
+            block: u32::MAX,
+            offset: u16::MAX,
         },
         RowPosition {
             block: 70_000,
@@ -852,5 +853,5 @@ async fn row_positions_match_postgresql() {
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    assert_eq!(texts, ["(0,1)", "(4294967294,65535)", "(70000,291)"]);
+    assert_eq!(texts, ["(0,1)", "(4294967295,65535)", "(70000,291)"]);
 }
