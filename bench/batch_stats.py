@@ -11,8 +11,10 @@ fetch, crypto and write milliseconds) and the peak resident set size.
 In physical order a window is written in several transactions, and each is
 logged as a batch with its phase, such as 2/3. Here the phases of a window
 count as one batch, with the rows and milliseconds of all of them.
-Last, it prints the pass's rows/s in each fifth of its rows, to show
-whether the pass slows down as it advances through the table.
+Then it prints the pass's rows/s in each fifth of its rows, to show
+whether the pass slows down as it advances through the table. Last, it
+prints the process's CPU time, user and system, and the cores it kept
+busy on average over the wall time.
 """
 
 import json

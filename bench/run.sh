@@ -189,10 +189,15 @@ record_failure() {
 now() { date +%s.%N; }
 
 # Prints the machine's busy and total CPU time so far, in clock ticks,
-# from the first line of /proc/stat. Idle and I/O wait count as not busy.
+# from the first line of /proc/stat: user, nice, system, idle, I/O wait,
+# interrupts and steal. Busy is the time spent in user, nice, system and
+# interrupts. The guest fields after them are already counted in user and nice.
 cpu_ticks() {
-  awk '/^cpu / { total = 0; for (i = 2; i <= NF; i++) total += $i; print total - $5 - $6, total; exit }' /proc/stat
+  awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; exit }' /proc/stat
 }
+
+# The CPUs that /proc/stat counts.
+cpus=$(grep -c '^cpu[0-9]' /proc/stat)
 
 # Prints the share of the machine's CPU time that was busy between two
 # readings of cpu_ticks, with every process on the machine counted.
@@ -232,7 +237,7 @@ floor() {
   ticks_after=$(cpu_ticks)
   floor_rate=$(rate "$start" "$end")
   printf 'floor: one UPDATE over %d rows: %.2f s, %d rows/s\n' "$rows" "$(python3 -c "print($end - $start)")" "$floor_rate"
-  echo "  machine CPU busy: $(busy_share "$ticks_before" "$ticks_after") of $(nproc) cores"
+  echo "  machine CPU busy: $(busy_share "$ticks_before" "$ticks_after") of $cpus CPUs"
   wal_figures
   printf '%s\tfloor\t-\t-\t%s\t%s\t-\n' "$rows" "$floor_rate" "$floor_rate" >>"$work/rates.tsv"
 }
@@ -286,7 +291,7 @@ else:
     "$binary" "$order" "$chosen" "$writers" "$(python3 -c "print($end - $start)")" "$product_rate" \
     "$(python3 -c "print($product_rate / $floor_rate)")" "$readable" "$rows"
   python3 "$here/batch_stats.py" "$log" "$start" "$end" "$timing"
-  echo "  machine CPU busy: $(busy_share "$ticks_before" "$ticks_after") of $(nproc) cores"
+  echo "  machine CPU busy: $(busy_share "$ticks_before" "$ticks_after") of $cpus CPUs"
   psql -qAt -F ' ' "$url" -c "SELECT n_tup_upd, n_tup_hot_upd, pg_size_pretty(pg_table_size('credentials'))
     FROM pg_stat_user_tables WHERE relid = 'credentials'::regclass" |
     while read -r updates hot size; do
