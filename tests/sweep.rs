@@ -373,13 +373,19 @@ async fn sweep_findings_past_limit_exit_3() {
     assert!(text.contains("the first 2 of 4"), "{text}");
 }
 
-#[tokio::test]
-async fn trigger_kept_rows_are_reported() {
+/// Fills `t` with 200 rows under the old key, runs `setup`, adds a trigger
+/// that keeps the value of every tenth row, and rotates in batches of 50.
+/// Checks the counts, and that the kept rows still read under the old key
+/// and the others under the new one. Returns the database, the new key and
+/// the run's summary.
+async fn rotate_keeping_every_tenth_row(setup: &str) -> (TestDb, KeyFile, serde_json::Value) {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
     let new = KeyFile::generate();
-    let rows = 200;
-    fill(&db, rows, &old.key).await;
+    fill(&db, 200, &old.key).await;
+    if !setup.is_empty() {
+        db.exec(setup).await;
+    }
     db.exec(
         "CREATE FUNCTION keep_some() RETURNS trigger LANGUAGE plpgsql AS \
          'BEGIN IF NEW.id % 10 = 0 THEN NEW.secret := OLD.secret; END IF; RETURN NEW; END'; \
@@ -393,7 +399,6 @@ async fn trigger_kept_rows_are_reported() {
     assert_eq!(code, 3, "{text}");
     assert_eq!(first_target_count(&summary, "reencrypted"), 180, "{text}");
     assert_eq!(first_target_count(&summary, "write_rejected"), 20, "{text}");
-    assert_eq!(summary["attention_needs_action"], 20, "{text}");
 
     for (id, value) in db.values("t", "id", "secret").await {
         let id: i64 = id.parse().unwrap();
@@ -405,44 +410,26 @@ async fn trigger_kept_rows_are_reported() {
             "row {id}"
         );
     }
+    (db, new, summary)
+}
+
+#[tokio::test]
+async fn trigger_kept_rows_are_reported() {
+    let (_db, _new, summary) = rotate_keeping_every_tenth_row("").await;
+    assert_eq!(summary["attention_needs_action"], 20, "{summary}");
 }
 
 /// A table with a DO ALSO rule on UPDATE cannot be updated inside a `WITH`
-/// query, so its batches take the write that returns a row per row. A
-/// trigger keeps every tenth row's value, which that write must report too.
+/// query, so its batches take the write that returns a row per row, which
+/// must report the kept rows too.
 #[tokio::test]
 async fn update_rule_table_is_rotated() {
-    let db = TestDb::new().await;
-    let old = KeyFile::generate();
-    let new = KeyFile::generate();
-    let rows = 200;
-    fill(&db, rows, &old.key).await;
-    db.exec(
+    let (db, new, _summary) = rotate_keeping_every_tenth_row(
         "CREATE TABLE t_log (id bigint, secret text); \
-         CREATE RULE log_update AS ON UPDATE TO t DO ALSO INSERT INTO t_log VALUES (new.id, new.secret); \
-         CREATE FUNCTION keep_some() RETURNS trigger LANGUAGE plpgsql AS \
-         'BEGIN IF NEW.id % 10 = 0 THEN NEW.secret := OLD.secret; END IF; RETURN NEW; END'; \
-         CREATE TRIGGER keep_some BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION keep_some()",
+         CREATE RULE log_update AS ON UPDATE TO t DO ALSO INSERT INTO t_log VALUES (new.id, new.secret)",
     )
     .await;
 
-    let (code, summary, text) = run_json(
-        run_command(&db, &["t.secret"], &[&old.path], &new.path).args(["--batch-size", "50"]),
-    );
-    assert_eq!(code, 3, "{text}");
-    assert_eq!(first_target_count(&summary, "reencrypted"), 180, "{text}");
-    assert_eq!(first_target_count(&summary, "write_rejected"), 20, "{text}");
-
-    for (id, value) in db.values("t", "id", "secret").await {
-        let id: i64 = id.parse().unwrap();
-        let key = if id % 10 == 0 { &old.key } else { &new.key };
-        let read = decrypt_to_string(key, value.as_deref().unwrap());
-        assert_eq!(
-            read.as_deref().map(String::as_str),
-            Some(plaintext(id).as_str()),
-            "row {id}"
-        );
-    }
     // The rule logged each committed rewrite once, with the value written.
     let logged: Vec<(i64, String)> = sqlx::query_as("SELECT id, secret FROM t_log ORDER BY id")
         .fetch_all(&db.pool)
