@@ -5,7 +5,7 @@
 //! the previous one. At most two batches are in memory, the one being written
 //! and the next one, and each batch is capped in rows and in bytes.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1798,15 +1798,32 @@ async fn write(
 
     // Tally, and record the keys of rows that need attention.
     let mut counts = Counts::default();
-    let mut attention_keys = Vec::new();
-    let mut attention_outcomes = Vec::new();
+    let mut attention_keys: Vec<String> = Vec::new();
+    let mut attention_outcomes: Vec<Outcome> = Vec::new();
+    // Keys repeat across an inheritance tree, and the list has one entry
+    // per key, since one statement cannot insert a key twice. An outcome
+    // that needs action takes the place of one that does not.
+    let mut entry_of_key: HashMap<String, usize> = HashMap::new();
     for (row, outcome) in outcomes.iter().enumerate() {
         counts.add_outcome(*outcome, 1);
-        if outcome.is_reported() {
-            attention_keys.push(key_label(&batch.key_of(row)));
-            attention_outcomes.push(outcome.label());
+        if !outcome.is_reported() {
+            continue;
+        }
+        let key = key_label(&batch.key_of(row));
+        match entry_of_key.get(&key) {
+            Some(&entry) => {
+                if outcome.needs_attention() && !attention_outcomes[entry].needs_attention() {
+                    attention_outcomes[entry] = *outcome;
+                }
+            }
+            None => {
+                entry_of_key.insert(key.clone(), attention_keys.len());
+                attention_keys.push(key);
+                attention_outcomes.push(*outcome);
+            }
         }
     }
+    let attention_outcomes: Vec<&str> = attention_outcomes.iter().map(|o| o.label()).collect();
     counts.rows_scanned = batch.len() as i64;
     counts.conflicts = conflicted.len() as i64;
     counts.batches = 1;

@@ -1289,6 +1289,85 @@ async fn stop_ends_retries_on_row_lock() {
     assert_eq!(db.values("t", "id", "secret").await, before);
 }
 
+/// Rows of a parent and its child that share a key and are both reported
+/// get one entry in the attention list: the outcome that needs action.
+#[tokio::test]
+async fn repeated_keys_reported_once() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let unknown = Key::generate();
+    // Under a key the run is not given, and readable under neither of its keys.
+    let foreign = loop {
+        let value = encrypt_string(&unknown, "parent 3");
+        if decrypt_to_string(&old.key, &value).is_none()
+            && decrypt_to_string(&new.key, &value).is_none()
+        {
+            break value;
+        }
+    };
+    db.exec(
+        "CREATE TABLE parent (id bigint PRIMARY KEY, secret text); \
+         CREATE TABLE child () INHERITS (parent)",
+    )
+    .await;
+    let rows: Vec<(&str, i64, String)> = vec![
+        ("parent", 1, "not encrypted".to_string()),
+        ("child", 1, "not encrypted either".to_string()),
+        ("parent", 2, encrypt_string(&old.key, "parent 2")),
+        ("child", 2, encrypt_string(&old.key, "child 2")),
+        ("parent", 3, foreign),
+        ("child", 3, "not encrypted".to_string()),
+    ];
+    for (table, id, value) in &rows {
+        sqlx::query(&format!("INSERT INTO {table} VALUES ($1, $2)"))
+            .bind(id)
+            .bind(value)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+
+    let (code, summary, text) = run_json(&mut run_command(
+        &db,
+        &["parent.secret"],
+        &[&old.path],
+        &new.path,
+    ));
+    assert_eq!(code, 3, "{text}");
+    assert_eq!(counts(&summary, 0)["rows_scanned"], 6, "{text}");
+    assert_eq!(counts(&summary, 0)["reencrypted"], 2, "{text}");
+    assert_eq!(counts(&summary, 0)["not_in_format"], 3, "{text}");
+    assert_eq!(counts(&summary, 0)["undecryptable"], 1, "{text}");
+
+    let listed: Vec<(String, String)> =
+        sqlx::query_as("SELECT key, outcome FROM reencrypt.attention ORDER BY key")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let expected = [
+        ("1".to_string(), "not_in_format".to_string()),
+        ("3".to_string(), "undecryptable".to_string()),
+    ];
+    assert_eq!(listed, expected, "{text}");
+
+    for (table, id, value) in &rows {
+        let stored: String =
+            sqlx::query_scalar(&format!("SELECT secret FROM ONLY {table} WHERE id = $1"))
+                .bind(id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        if *id == 2 {
+            let read = decrypt_to_string(&new.key, &stored);
+            let expected = format!("{table} 2");
+            assert_eq!(read.as_deref().map(String::as_str), Some(expected.as_str()));
+        } else {
+            assert_eq!(&stored, value, "{table} {id}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn keys_repeated_in_child_tables() {
     let db = TestDb::new().await;
