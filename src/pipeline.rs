@@ -1800,9 +1800,9 @@ async fn write(
     let mut counts = Counts::default();
     let mut attention_keys: Vec<String> = Vec::new();
     let mut attention_outcomes: Vec<Outcome> = Vec::new();
-    // Keys repeat across an inheritance tree, and the list has one entry
-    // per key, since one statement cannot insert a key twice. An outcome
-    // that needs action takes the place of one that does not.
+    // Keys repeat across an inheritance tree, but one statement cannot
+    // insert a key twice, so the list has one entry per key. An outcome
+    // that needs action replaces one that does not.
     let mut entry_of_key: HashMap<String, usize> = HashMap::new();
     for (row, outcome) in outcomes.iter().enumerate() {
         counts.add_outcome(*outcome, 1);
@@ -2012,7 +2012,7 @@ async fn update<'a>(
         let positions: Vec<RowPosition> = rows.iter().map(|&r| batch.positions[r]).collect();
         query = query.bind(positions);
     }
-    let (written, not_stored) = if statements.write_row_per_row {
+    let (written, not_stored) = if statements.write_returns_each_row {
         let returned = query
             .try_map(|row: PgRow| <(i64, bool)>::from_row(&row))
             .fetch_all(conn)

@@ -13,7 +13,8 @@ use sqlx::postgres::{
     PgArgumentBuffer, PgHasArrayType, PgTypeInfo, PgValueFormat, PgValueRef, Postgres,
 };
 
-/// The catalog's type IDs of `tid` and `tid[]`, fixed in every PostgreSQL.
+/// The type IDs of `tid` and `tid[]`. Built-in types have fixed IDs in
+/// PostgreSQL's catalog.
 const TID: Oid = Oid(27);
 const TID_ARRAY: Oid = Oid(1010);
 

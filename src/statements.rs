@@ -24,17 +24,17 @@ pub struct Statements {
     pub key_group: String,
     /// Compare-and-swap update from arrays. Returns one row: the ordinals
     /// written, and those of rows that store another value than the one
-    /// written. With `write_row_per_row`, a row per row written instead:
-    /// its ordinal and whether it stores the value written.
+    /// written. With `write_returns_each_row`, it returns one row for each
+    /// row written instead: its ordinal and whether it stores that value.
     pub write: String,
     /// `write` for rows not in key order: it sorts them by key first.
     pub write_in_key_order: String,
     /// Whether `write` also takes the rows' positions (`ctid`), as its last array.
     pub by_position: bool,
-    /// Whether `write` returns a row per row written. PostgreSQL rejects an
-    /// UPDATE inside a `WITH` query on a table with a rule on UPDATE, so
-    /// such a table's write cannot gather its results into one row.
-    pub write_row_per_row: bool,
+    /// Whether `write` returns one row for each row written. PostgreSQL
+    /// rejects an UPDATE inside a `WITH` query on a table with a rule on
+    /// UPDATE, so such a table's write cannot gather its results.
+    pub write_returns_each_row: bool,
     /// Reads every row between two positions, both included. Reading a page
     /// lets PostgreSQL prune the row versions on it that no transaction can
     /// see any more, which makes room for the next updates on that page.
@@ -180,18 +180,17 @@ impl Statements {
             .map(|(i, k)| format!("u.k{}::{}", i + 1, k.type_name))
             .collect::<Vec<_>>()
             .join(", ");
-        // One row comes back for the whole batch: the ordinals written, and
-        // those of rows that store another value than the one written. A
-        // row per ordinal would cost the server and this process a message
-        // each.
-        let write_row_per_row = target.update_rule;
+        // One row comes back for the whole batch, unless the table has a
+        // rule on UPDATE. A row for each row written would cost the server
+        // and this process a message each.
+        let write_returns_each_row = target.update_rule;
         let write_from = |from: &str| {
             let update = format!(
                 "UPDATE {table} AS t SET {column} = u.new_value FROM {from} \
                  WHERE {position_join}{join_keys} AND t.{column}::text COLLATE \"C\" = u.old_value COLLATE \"C\" \
                  RETURNING u.ord, t.{column}::text COLLATE \"C\" IS NOT DISTINCT FROM u.new_value COLLATE \"C\" AS stored"
             );
-            match write_row_per_row {
+            match write_returns_each_row {
                 true => update,
                 false => format!(
                     "WITH w AS ({update}) SELECT coalesce(array_agg(ord), '{{}}'), \
@@ -266,7 +265,7 @@ impl Statements {
             write,
             write_in_key_order,
             by_position,
-            write_row_per_row,
+            write_returns_each_row,
             revisit,
             lock,
             checkpoint,

@@ -420,8 +420,8 @@ async fn trigger_kept_rows_are_reported() {
 }
 
 /// A table with a DO ALSO rule on UPDATE cannot be updated inside a `WITH`
-/// query, so its batches take the write that returns a row per row, which
-/// must report the kept rows too.
+/// query, so its batches take the write that returns one row for each row
+/// written, which must report the kept rows too.
 #[tokio::test]
 async fn update_rule_table_is_rotated() {
     let (db, new, _summary) = rotate_keeping_every_tenth_row(
