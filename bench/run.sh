@@ -21,7 +21,7 @@
 #
 # Environment:
 #   BENCH_SERVER   server URL without a database (default postgres://postgres@127.0.0.1:5432)
-#   BENCH_WRITERS  --writers counts to measure, e.g. "1 2 4" (default 1)
+#   BENCH_WRITERS  --writers values to measure, e.g. "auto 1 2 4" (default 1)
 #   BENCH_ORDERS   --scan-order values to measure, e.g. "auto key physical" (default key)
 #   BENCH_ARGS     extra arguments for every product run, e.g. "--max-sweeps 0"
 #   BENCH_KEEP     directory to keep logs and summaries in (default: a temporary one)
@@ -70,7 +70,7 @@ for order in ${BENCH_ORDERS:-key}; do
 done
 seen=" "
 for writers in ${BENCH_WRITERS:-1}; do
-  case $writers in '' | *[!0-9]* | 0*) echo "error: BENCH_WRITERS lists '$writers'; use whole numbers from 1" >&2; exit 2 ;; esac
+  case $writers in auto) ;; '' | *[!0-9]* | 0*) echo "error: BENCH_WRITERS lists '$writers'; use auto or whole numbers from 1" >&2; exit 2 ;; esac
   case $seen in *" $writers "*) echo "error: BENCH_WRITERS lists '$writers' twice" >&2; exit 2 ;; esac
   seen+="$writers "
 done
@@ -267,16 +267,20 @@ measure() {
     record_failure "$binary" "$order" "$writers"
     return 1
   fi
-  local product_rate readable chosen
+  local product_rate readable chosen chosen_writers
   product_rate=$(rate "$start" "$end")
-  # The order the run took, which `auto` chooses by the table's size.
-  chosen=$(python3 -c 'import json, sys
+  # The order and writers the run took, which `auto` chooses by the table's size.
+  log_field() {
+    python3 -c 'import json, sys
 for line in open(sys.argv[1], encoding="utf-8"):
-    if "Scan order." in line:
-        print(json.loads(line).get("order", "?"))
+    if sys.argv[2] in line:
+        print(json.loads(line).get(sys.argv[3], "?"))
         break
 else:
-    print("?")' "$log")
+    print("?")' "$log" "$1" "$2"
+  }
+  chosen=$(log_field "Scan order." order)
+  chosen_writers=$(log_field "Job started." writers)
   wait_for_product_sessions
   # Read before the check below, whose scan of the table writes too.
   local figures
@@ -287,8 +291,8 @@ else:
     record_failure "$binary" "$order" "$writers"
     return 1
   fi
-  printf 'product %s, %s order (%s), %d writer(s): %.2f s, %d rows/s, %.2f x the floor, rows readable under the new key: %d of %d\n' \
-    "$binary" "$order" "$chosen" "$writers" "$(python3 -c "print($end - $start)")" "$product_rate" \
+  printf 'product %s, %s order (%s), %s writer(s) (%s): %.2f s, %d rows/s, %.2f x the floor, rows readable under the new key: %d of %d\n' \
+    "$binary" "$order" "$chosen" "$writers" "$chosen_writers" "$(python3 -c "print($end - $start)")" "$product_rate" \
     "$(python3 -c "print($product_rate / $floor_rate)")" "$readable" "$rows"
   python3 "$here/batch_stats.py" "$log" "$start" "$end" "$timing"
   echo "  machine CPU busy: $(busy_share "$ticks_before" "$ticks_after") of $cpus CPUs"

@@ -366,6 +366,31 @@ pub async fn check_stored_job(
     }
 }
 
+/// Returns the number of writers a job was started with, or `None` when the
+/// job does not exist or the schema does not hold this worker's tables
+/// (which `check_stored_job` reports).
+pub async fn stored_writers(
+    conn: &mut PgConnection,
+    schema: &str,
+    job: &str,
+) -> Result<Option<i32>, sqlx::Error> {
+    let q = quote_ident(schema);
+    let jobs: bool = sqlx::query_scalar(
+        "SELECT to_regclass($1 || '.schema_migrations') IS NOT NULL \
+         AND to_regclass($1 || '.jobs') IS NOT NULL",
+    )
+    .bind(&q)
+    .fetch_one(&mut *conn)
+    .await?;
+    if !jobs {
+        return Ok(None);
+    }
+    sqlx::query_scalar(&format!("SELECT writers FROM {q}.jobs WHERE job = $1"))
+        .bind(job)
+        .fetch_optional(&mut *conn)
+        .await
+}
+
 /// Returns the key columns of a target's ranges in a job, or `None` when
 /// the job has no ranges for it yet.
 pub async fn range_key_columns(

@@ -27,6 +27,7 @@ pub const DEFAULT_RETRY_BUDGET_SECS: u64 = 300;
 pub const DEFAULT_STALL_TIMEOUT_SECS: u64 = 600;
 pub const DEFAULT_LEASE_TTL_SECS: u64 = 30;
 pub const DEFAULT_MAX_SWEEPS: u32 = 2;
+pub const MAX_WRITERS: u32 = 64;
 pub const DEFAULT_PROGRESS_INTERVAL_SECS: u64 = 10;
 pub const DEFAULT_PUSH_INTERVAL_SECS: u64 = 15;
 pub const DEFAULT_REPORT_LIMIT: i64 = 20;
@@ -192,12 +193,15 @@ pub struct RunArgs {
     #[arg(long)]
     pub dry_run: bool,
 
-    /// Concurrent writers per target, each on its own key range and connection.
-    /// Fixed for the life of a job. With adaptive batch sizing the writers
-    /// share the batch limits, so memory does not grow with their number; a
-    /// fixed --batch-size applies to each writer.
-    #[arg(long, env = "REENCRYPT_WRITERS", default_value_t = 1)]
-    pub writers: u32,
+    /// Concurrent writers per target, each on its own key range and
+    /// connection: a number from 1 to 64, or `auto`. `auto` takes 2 for a
+    /// new job that reads a target in physical order, where one writer
+    /// leaves the server's other cores idle, and 1 otherwise. A job that
+    /// resumes keeps its count. Fixed for the life of a job. With adaptive
+    /// batch sizing the writers share the batch limits, so memory does not
+    /// grow with their number; a fixed --batch-size applies to each writer.
+    #[arg(long, env = "REENCRYPT_WRITERS", default_value = "auto")]
+    pub writers: Writers,
 
     /// This process's shard, from 0 (Indexed Jobs set JOB_COMPLETION_INDEX).
     #[arg(long, env = "JOB_COMPLETION_INDEX", default_value_t = 0)]
@@ -284,6 +288,39 @@ pub struct OutputArgs {
     /// Seconds between progress log lines when not on a terminal.
     #[arg(long, env = "REENCRYPT_PROGRESS_INTERVAL_SECS", default_value_t = DEFAULT_PROGRESS_INTERVAL_SECS)]
     pub progress_interval_secs: u64,
+}
+
+/// The number of writers asked for with `--writers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writers {
+    /// Chosen by the run: the job's count when it resumes one, and
+    /// otherwise by the order of its pass.
+    Auto,
+    /// This many.
+    Count(u32),
+}
+
+impl std::str::FromStr for Writers {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Writers, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("auto") {
+            return Ok(Writers::Auto);
+        }
+        text.parse()
+            .map(Writers::Count)
+            .map_err(|_| format!("expected a number from 1 to {MAX_WRITERS} or auto, got {text:?}"))
+    }
+}
+
+impl std::fmt::Display for Writers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Writers::Auto => f.write_str("auto"),
+            Writers::Count(count) => write!(f, "{count}"),
+        }
+    }
 }
 
 /// The order a pass reads a table in.

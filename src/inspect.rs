@@ -74,7 +74,7 @@ pub async fn plan_from_run(args: &RunArgs) -> Result<i32, Failure> {
         tuning: &args.tuning,
     };
     let plan = PlanOptions {
-        order: crate::run::OrderOptions::of_run(args),
+        order: crate::run::OrderOptions::of_run(args, 1),
         resume: Some(args),
         keys_per_outcome: report_limit(args.output.report_limit)?,
         sample: None,
@@ -210,17 +210,34 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
     let prepared = prepare(inputs, plan.keys_per_outcome).await?;
     // A plan stands for a run, which would reject such a target.
     crate::run::reject_instead_rules(&prepared.targets)?;
-    let resumed = match plan.resume {
+    // The writers a run would get, which also decide the order `auto` takes.
+    let mut order_options = plan.order;
+    let writers = match plan.resume {
         Some(args) => {
-            crate::run::resumed_job(
+            let (writers, _) = crate::run::resolve_writers(
                 &prepared.settings.db,
                 args,
                 &prepared.targets,
                 &prepared.keys,
             )
-            .await?
+            .await?;
+            order_options.writers = writers;
+            Some(writers)
         }
         None => None,
+    };
+    let resumed = match (plan.resume, writers) {
+        (Some(args), Some(writers)) => {
+            crate::run::resumed_job(
+                &prepared.settings.db,
+                args,
+                writers,
+                &prepared.targets,
+                &prepared.keys,
+            )
+            .await?
+        }
+        _ => None,
     };
     let mut orders = Vec::with_capacity(prepared.targets.len());
     for (index, target) in prepared.targets.iter().enumerate() {
@@ -235,7 +252,7 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
             .await
             .map_err(|e| Failure::from_database("cannot read the table's state", &e))?;
         orders.push(
-            crate::run::choose_order(&prepared.settings.db, target, &state, plan.order).await?,
+            crate::run::choose_order(&prepared.settings.db, target, &state, order_options).await?,
         );
     }
     let sample = plan.sample;
@@ -271,12 +288,12 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
         _ => None,
     };
     let keys = KeyEvidence::from_keys(&prepared.keys);
-    let throttled = match plan.resume {
-        Some(args) => {
+    let throttled = match (plan.resume, writers) {
+        (Some(args), Some(writers)) => {
             let rows: Vec<i64> = planned.iter().map(|p| p.scan.counts.rows_scanned).collect();
-            throttled_seconds(args, &rows, resumes.is_some())?
+            throttled_seconds(args, writers, &rows, resumes.is_some())?
         }
-        None => None,
+        _ => None,
     };
 
     match plan.format {
@@ -288,8 +305,14 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
                     report::format_seconds(seconds)
                 );
             }
+            if let Some(writers) = writers {
+                println!(
+                    "\nThe run has {writers} writer{} per target.",
+                    if writers == 1 { "" } else { "s" }
+                );
+            }
             if let Some(job) = &resumes {
-                println!("\nThe run resumes job {job}.");
+                println!("The run resumes job {job}.");
             }
             match &lease {
                 Some(busy) if busy.is_gone_from_this_host() => println!(
@@ -305,6 +328,7 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
             if plan.resume.is_some() {
                 value["command"] = serde_json::json!("run --dry-run");
                 value["resumes_job"] = serde_json::json!(resumes);
+                value["writers"] = serde_json::json!(writers);
                 value["throttled_seconds_at_least"] = serde_json::json!(throttled);
                 value["lease"] = match &lease {
                     Some(busy) => serde_json::json!({
@@ -333,6 +357,7 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
 /// in at least its rows divided by the batch of all its writers together.
 fn throttled_seconds(
     args: &RunArgs,
+    writers: u32,
     rows: &[i64],
     resumes_job: bool,
 ) -> Result<Option<f64>, Failure> {
@@ -344,7 +369,7 @@ fn throttled_seconds(
     let by_pauses = match args.pause_between_batches_ms {
         Some(pause_ms) if pause_ms > 0 => {
             let (_, sizing, _) = crate::run::tuning(&args.tuning)?;
-            let writers = args.writers.max(1);
+            let writers = writers.max(1);
             let sizing = crate::run::shared_by_writers(sizing, writers);
             let rows_per_round = (sizing.max_rows * writers as usize) as f64;
             let rounds: f64 = rows

@@ -20,7 +20,8 @@ use reencrypt::classify::decrypt_to_string;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const PHYSICAL: [&str; 2] = ["--scan-order", "physical"];
+/// Physical order with one writer, which writes each window in five phases.
+const PHYSICAL: [&str; 4] = ["--scan-order", "physical", "--writers", "1"];
 
 /// Starts a TCP proxy to the local PostgreSQL. On the `drop_at`-th COMMIT
 /// after a checkpoint statement, it passes the COMMIT on, lets the server

@@ -383,8 +383,20 @@ async fn dry_run_order_and_rejections() {
             .unwrap_or_else(|| panic!("no scan_order in {text}"))
             .to_string()
     };
-    // The table fits the server's cache, so `auto` takes key order.
+    // The table fits the server's cache, so `auto` takes key order, and
+    // `--writers auto` one writer.
     assert_eq!(order_of(&[]), "key");
+    let writers_of = |args: &[&str]| {
+        let (code, plan, text) = dry_run("t.secret", args);
+        assert_eq!(code, 0, "{text}");
+        plan["writers"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no writers in {text}"))
+    };
+    assert_eq!(writers_of(&[]), 1);
+    assert_eq!(writers_of(&["--writers", "auto"]), 1);
+    assert_eq!(writers_of(&PHYSICAL), 2);
+    assert_eq!(writers_of(&["--writers", "3"]), 3);
     let (_, plan, text) = dry_run("t.secret", &[]);
     let reason = plan["targets"][0]["scan_order_reason"]
         .as_str()
@@ -443,6 +455,16 @@ async fn dry_run_order_and_rejections() {
     rejected("t.secret", &["--writers", "0"], "--writers must be between");
     rejected(
         "t.secret",
+        &["--writers", "65"],
+        "--writers must be between",
+    );
+    rejected(
+        "t.secret",
+        &["--writers", "two"],
+        "expected a number from 1 to 64 or auto",
+    );
+    rejected(
+        "t.secret",
         &["--shard-count", "2", "--shard-index", "2"],
         "--shard-index must be below --shard-count",
     );
@@ -484,12 +506,15 @@ async fn dry_run_order_and_rejections() {
     assert_eq!(schema, None, "a dry run created the checkpoint schema");
 
     // Once a job exists, a dry run shows the order its pass started with,
-    // and rejects the options the run would reject to resume it with.
+    // and rejects the options the run would reject to resume it with. With
+    // physical order, `--writers auto` gave the job 2 writers, which a
+    // resume without `--writers` keeps.
     let (code, _, text) =
         run_json(run_command(&db, &["t.secret"], &[&old.path], &new.path).args(PHYSICAL));
     assert_eq!(code, 0, "{text}");
     let (code, plan, text) = dry_run("t.secret", &[]);
     assert_eq!(code, 0, "{text}");
+    assert_eq!(plan["writers"], 2, "{text}");
     assert_eq!(plan["targets"][0]["scan_order"], "physical", "{text}");
     assert_eq!(
         plan["targets"][0]["scan_order_reason"], "the job's ranges were made for this order",
@@ -509,7 +534,7 @@ async fn dry_run_order_and_rejections() {
     );
     rejected(
         "t.secret",
-        &["--writers", "2"],
+        &["--writers", "1"],
         "different number of writers",
     );
     rejected("t.secret", &["--max-sweeps", "0"], "which needs the sweep");
@@ -524,6 +549,33 @@ async fn dry_run_order_and_rejections() {
     assert_eq!(code, 0, "{text}");
     assert_eq!(plan["targets"][0]["scan_order"], "key", "{text}");
     assert_eq!(plan["resumes_job"], serde_json::Value::Null, "{text}");
+    assert_eq!(plan["writers"], 1, "{text}");
+
+    // A job started with one writer in physical order keeps it when a run
+    // leaves `--writers` to `auto`.
+    let job = ["--job", "one-writer"];
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path)
+            .args(PHYSICAL)
+            .args(job)
+            .args(["--writers", "1"]),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(summary["key_fingerprints"]["writers"], 1, "{text}");
+    let (code, summary, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path)
+            .args(PHYSICAL)
+            .args(job),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(summary["job"], "one-writer", "{text}");
+    assert_eq!(summary["key_fingerprints"]["writers"], 1, "{text}");
+    let ranges: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM reencrypt.ranges WHERE job = 'one-writer'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(ranges, 1);
 }
 
 /// Checks that a run counted each of `rows` rows once: `current` of them
