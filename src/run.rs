@@ -417,8 +417,9 @@ fn auto_physical_factor(writers: u32) -> f64 {
 /// Writers that `--writers auto` gives a new job that reads a target in
 /// physical order. There a writer alone keeps one server process busy with
 /// its statements, one at a time, and leaves the other cores idle. At 5M
-/// rows on a 2-core machine, 2 writers gave 1.08 to 1.18 times the rows/s
-/// of one. In key order a writer alone already kept both cores busy.
+/// rows on a 2-core machine, 2 writers gave 1.07 to 1.18 times the rows/s
+/// of one, and 3 or 4 nothing more. In key order a writer alone already
+/// kept both cores busy.
 pub const AUTO_WRITERS_PHYSICAL: u32 = 2;
 
 /// Returns the number of writers of a run and why: `--writers` when it is
@@ -905,11 +906,11 @@ async fn run_job(
 
     // Database, schema, targets. The pool opens connections only as they
     // are needed, so it may allow for more writers than the run gets.
-    let most_writers = match args.writers {
+    let pool_writers = match args.writers {
         cli::Writers::Count(count) => count,
         cli::Writers::Auto => AUTO_WRITERS_PHYSICAL,
     };
-    let db = Database::connect_lazy(&args.database.database_url, most_writers * 2 + 3, timeouts)
+    let db = Database::connect_lazy(&args.database.database_url, pool_writers * 2 + 3, timeouts)
         .map_err(|e| {
             Failure::Config(format!(
                 "invalid --database-url: {}",
