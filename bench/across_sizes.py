@@ -42,7 +42,7 @@ def main(path):
         return
     first = sizes[0]
     print(
-        "across sizes: rows/s (x the floor at that size, order taken);"
+        "across sizes: rows/s (x the floor at that size, order taken, and writers taken for auto);"
         f" share = rows/s at a size / rows/s at {first:,} rows"
     )
     for setting in settings:

@@ -308,6 +308,9 @@ else:
     record_failure "$binary" "$order" "$writers"
     return 1
   fi
+  # For `--writers auto`, the count taken goes with the order, since it may
+  # differ between sizes.
+  [ "$writers" != auto ] || chosen="$chosen, $chosen_writers writer(s)"
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rows" "$binary" "$order" "$writers" "$product_rate" "$floor_rate" "$chosen" >>"$work/rates.tsv"
 }
 

@@ -196,8 +196,9 @@ pub struct RunArgs {
     /// Concurrent writers per target, each on its own key range and
     /// connection: a number from 1 to 64, or `auto`. `auto` takes 2 for a
     /// new job that reads a target in physical order, where one writer
-    /// leaves the server's other cores idle, and 1 otherwise. A job that
-    /// resumes keeps its count. Fixed for the life of a job. With adaptive
+    /// leaves the server's other cores idle, and 1 otherwise or with
+    /// --pause-between-batches-ms, whose pause applies to each writer. A job
+    /// that resumes keeps its count. Fixed for the life of a job. With adaptive
     /// batch sizing the writers share the batch limits, so memory does not
     /// grow with their number; a fixed --batch-size applies to each writer.
     #[arg(long, env = "REENCRYPT_WRITERS", default_value = "auto")]

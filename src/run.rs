@@ -424,8 +424,9 @@ pub const AUTO_WRITERS_PHYSICAL: u32 = 2;
 
 /// Returns the number of writers of a run and why: `--writers` when it is
 /// a number. For `auto`, the job's own count when the run resumes a job,
-/// and otherwise `AUTO_WRITERS_PHYSICAL` when the order `auto` takes for a
-/// writer alone is physical for some target, 1 if for none.
+/// 1 with `--pause-between-batches-ms`, and otherwise
+/// `AUTO_WRITERS_PHYSICAL` when the order `auto` takes for a writer alone
+/// is physical for some target, 1 if for none.
 pub async fn resolve_writers(
     db: &Database,
     args: &RunArgs,
@@ -457,12 +458,24 @@ async fn auto_writers(
             .map_err(fail)?;
         tx.commit().await.map_err(fail)?;
         if let Some(stored) = stored {
-            let count = u32::try_from(stored).unwrap_or(1).max(1);
-            return Ok((
-                count,
-                format!("--writers auto: job {job} was started with {count}"),
-            ));
+            return match u32::try_from(stored) {
+                Ok(count) if (1..=cli::MAX_WRITERS).contains(&count) => Ok((
+                    count,
+                    format!("--writers auto: job {job} was started with {count}"),
+                )),
+                _ => Err(Failure::Config(format!(
+                    "job {job} records {stored} writers, which this version cannot run; use --restart to start it afresh"
+                ))),
+            };
         }
+    }
+    // A pause after every batch applies to each writer, so a second one
+    // would double the load that the pause was set to limit.
+    if args.pause_between_batches_ms.is_some_and(|pause| pause > 0) {
+        return Ok((
+            1,
+            "--writers auto: --pause-between-batches-ms is set".into(),
+        ));
     }
     let options = OrderOptions::of_run(args, 1);
     for target in targets {
@@ -910,13 +923,17 @@ async fn run_job(
         cli::Writers::Count(count) => count,
         cli::Writers::Auto => AUTO_WRITERS_PHYSICAL,
     };
-    let db = Database::connect_lazy(&args.database.database_url, pool_writers * 2 + 3, timeouts)
-        .map_err(|e| {
-            Failure::Config(format!(
-                "invalid --database-url: {}",
-                crate::db::describe(&e)
-            ))
-        })?;
+    let connect = |writers: u32| {
+        Database::connect_lazy(&args.database.database_url, writers * 2 + 3, timeouts).map_err(
+            |e| {
+                Failure::Config(format!(
+                    "invalid --database-url: {}",
+                    crate::db::describe(&e)
+                ))
+            },
+        )
+    };
+    let mut db = connect(pool_writers)?;
     db.probe()
         .await
         .map_err(|e| Failure::from_connect("cannot connect to the database", &e))?;
@@ -929,6 +946,10 @@ async fn run_job(
     let (writers, why) = resolve_writers(&db, args, &targets, &keys).await?;
     if args.writers == cli::Writers::Auto {
         tracing::info!(writers, reason = %why, "Writers chosen.");
+    }
+    // A job resumed with `auto` may have more writers than the pool allows for.
+    if writers > pool_writers {
+        db = connect(writers)?;
     }
     let sizing = shared_by_writers(sizing, writers);
 

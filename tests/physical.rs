@@ -17,7 +17,11 @@ use reencrypt::position::RowPosition;
 use reencrypt::sweep::TableState;
 use tokio::sync::Mutex;
 
-const PHYSICAL: [&str; 2] = ["--scan-order", "physical"];
+/// Physical order with one writer, which writes each window in five phases.
+const PHYSICAL: [&str; 4] = ["--scan-order", "physical", "--writers", "1"];
+
+/// Physical order with the writers `--writers auto` gives.
+const PHYSICAL_AUTO: [&str; 2] = ["--scan-order", "physical"];
 
 /// Deletes the last third of `t` and vacuums it, so that the free space is
 /// in blocks ahead of the pass: rows the pass rewrites move there.
@@ -54,7 +58,7 @@ async fn pass_reads_each_row_once(writers: &str) {
 
     let (code, summary, text) = run_json(
         run_command(&db, &["t.secret"], &[&old.path], &new.path)
-            .args(PHYSICAL)
+            .args(PHYSICAL_AUTO)
             .args(["--batch-size", "200", "--writers", writers]),
     );
     assert_eq!(code, 0, "{text}");
@@ -315,7 +319,7 @@ async fn physical_resume_sweeps_with_writers() {
     let remaining = empty_first_block(&db).await;
 
     let mut child = run_command(&db, &["t.secret"], &[&old.path], &new.path)
-        .args(PHYSICAL)
+        .args(PHYSICAL_AUTO)
         .args(["--writers", "2", "--batch-size", "100"])
         .args(["--max-rows-per-second", "1500", "--progress", "off"])
         .stdout(Stdio::null())
@@ -342,7 +346,7 @@ async fn physical_resume_sweeps_with_writers() {
     // The second run's sweep reads every row, split by key among 2 writers.
     let (code, summary, text) = run_json(
         run_command(&db, &["t.secret"], &[&old.path], &new.path)
-            .args(PHYSICAL)
+            .args(PHYSICAL_AUTO)
             .args(["--writers", "2"]),
     );
     assert_eq!(code, 0, "{text}");
@@ -395,7 +399,15 @@ async fn dry_run_order_and_rejections() {
     };
     assert_eq!(writers_of(&[]), 1);
     assert_eq!(writers_of(&["--writers", "auto"]), 1);
-    assert_eq!(writers_of(&PHYSICAL), 2);
+    assert_eq!(writers_of(&PHYSICAL_AUTO), 2);
+    // A pause after each batch applies to each writer, so `auto` keeps one.
+    let paused = [
+        "--scan-order",
+        "physical",
+        "--pause-between-batches-ms",
+        "5",
+    ];
+    assert_eq!(writers_of(&paused), 1);
     assert_eq!(writers_of(&["--writers", "3"]), 3);
     let (_, plan, text) = dry_run("t.secret", &[]);
     let reason = plan["targets"][0]["scan_order_reason"]
@@ -411,7 +423,7 @@ async fn dry_run_order_and_rejections() {
         .unwrap_or_default();
     assert!(reason.contains("for 1.2 times shared_buffers"), "{text}");
     assert_eq!(order_of(&["--scan-order", "key"]), "key");
-    assert_eq!(order_of(&PHYSICAL), "physical");
+    assert_eq!(order_of(&PHYSICAL_AUTO), "physical");
 
     // `plan` shows the order a run with no order options would take.
     let output = common::binary()
@@ -441,7 +453,11 @@ async fn dry_run_order_and_rejections() {
         assert_eq!(code, 2, "{text}");
         assert!(text.contains(expected), "expected {expected:?} in {text}");
     };
-    rejected("p.secret", &PHYSICAL, "is partitioned or has child tables");
+    rejected(
+        "p.secret",
+        &PHYSICAL_AUTO,
+        "is partitioned or has child tables",
+    );
     rejected(
         "t.secret",
         &["--scan-order", "physical", "--shard-count", "2"],
@@ -510,7 +526,7 @@ async fn dry_run_order_and_rejections() {
     // physical order, `--writers auto` gave the job 2 writers, which a
     // resume without `--writers` keeps.
     let (code, _, text) =
-        run_json(run_command(&db, &["t.secret"], &[&old.path], &new.path).args(PHYSICAL));
+        run_json(run_command(&db, &["t.secret"], &[&old.path], &new.path).args(PHYSICAL_AUTO));
     assert_eq!(code, 0, "{text}");
     let (code, plan, text) = dry_run("t.secret", &[]);
     assert_eq!(code, 0, "{text}");
@@ -556,7 +572,7 @@ async fn dry_run_order_and_rejections() {
     let job = ["--job", "one-writer"];
     let (code, summary, text) = run_json(
         run_command(&db, &["t.secret"], &[&old.path], &new.path)
-            .args(PHYSICAL)
+            .args(PHYSICAL_AUTO)
             .args(job)
             .args(["--writers", "1"]),
     );
@@ -564,7 +580,7 @@ async fn dry_run_order_and_rejections() {
     assert_eq!(summary["key_fingerprints"]["writers"], 1, "{text}");
     let (code, summary, text) = run_json(
         run_command(&db, &["t.secret"], &[&old.path], &new.path)
-            .args(PHYSICAL)
+            .args(PHYSICAL_AUTO)
             .args(job),
     );
     assert_eq!(code, 0, "{text}");
@@ -576,6 +592,20 @@ async fn dry_run_order_and_rejections() {
             .await
             .unwrap();
     assert_eq!(ranges, 1);
+
+    // A job with more writers than `auto` gives a new one keeps them too.
+    let job = ["--job", "four-writers"];
+    let (code, _, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path)
+            .args(job)
+            .args(["--writers", "4"]),
+    );
+    assert_eq!(code, 0, "{text}");
+    let (code, summary, text) =
+        run_json(run_command(&db, &["t.secret"], &[&old.path], &new.path).args(job));
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(summary["key_fingerprints"]["writers"], 4, "{text}");
+    assert_reads(&db, &new.key, 50, plaintext).await;
 }
 
 /// Checks that a run counted each of `rows` rows once: `current` of them

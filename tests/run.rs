@@ -167,7 +167,14 @@ async fn vectors_rotate_in_physical_order() {
     // Three rows per batch: many windows, some stopped by the row limit.
     let vectors = load_vectors();
     let new = KeyFile::generate();
-    let args = ["--scan-order", "physical", "--batch-size", "3"];
+    let args = [
+        "--scan-order",
+        "physical",
+        "--writers",
+        "1",
+        "--batch-size",
+        "3",
+    ];
     let (code, counts, _, readable) = rotate_vectors(&new, &args).await;
     let total = vectors.vectors.len() as i64 + 1;
     assert_eq!(code, 3, "the value under key B is undecryptable");
