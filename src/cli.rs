@@ -223,7 +223,7 @@ pub struct RunArgs {
     /// --writers above 1, where physical order gains more from the other
     /// writers), `key` otherwise.
     /// Fixed for the life of a job.
-    #[arg(long, env = "REENCRYPT_SCAN_ORDER", value_enum, default_value_t = ScanOrder::Auto)]
+    #[arg(long, env = "REENCRYPT_SCAN_ORDER", value_enum, ignore_case = true, default_value_t = ScanOrder::Auto)]
     pub scan_order: ScanOrder,
 
     /// Final sweeps after the keyset pass: read the rows changed since the pass

@@ -210,24 +210,29 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
     let prepared = prepare(inputs, plan.keys_per_outcome).await?;
     // A plan stands for a run, which would reject such a target.
     crate::run::reject_instead_rules(&prepared.targets)?;
-    // The writers a run would get, which also decide the order `auto` takes.
-    let mut order_options = plan.order;
-    let writers = match plan.resume {
+    // The writers a run would get, which also decide the order `auto` takes:
+    // for `plan`, those of a new job with the default options.
+    let (writers, _) = match plan.resume {
         Some(args) => {
-            let (writers, _) = crate::run::resolve_writers(
+            crate::run::resolve_writers(
                 &prepared.settings.db,
                 args,
                 &prepared.targets,
                 &prepared.keys,
             )
-            .await?;
-            order_options.writers = writers;
-            Some(writers)
+            .await?
         }
-        None => None,
+        None => {
+            crate::run::new_job_writers(&prepared.settings.db, &prepared.targets, plan.order, false)
+                .await?
+        }
     };
-    let resumed = match (plan.resume, writers) {
-        (Some(args), Some(writers)) => {
+    let order_options = crate::run::OrderOptions {
+        writers,
+        ..plan.order
+    };
+    let resumed = match plan.resume {
+        Some(args) => {
             crate::run::resumed_job(
                 &prepared.settings.db,
                 args,
@@ -237,7 +242,7 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
             )
             .await?
         }
-        _ => None,
+        None => None,
     };
     let mut orders = Vec::with_capacity(prepared.targets.len());
     for (index, target) in prepared.targets.iter().enumerate() {
@@ -288,12 +293,12 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
         _ => None,
     };
     let keys = KeyEvidence::from_keys(&prepared.keys);
-    let throttled = match (plan.resume, writers) {
-        (Some(args), Some(writers)) => {
+    let throttled = match plan.resume {
+        Some(args) => {
             let rows: Vec<i64> = planned.iter().map(|p| p.scan.counts.rows_scanned).collect();
             throttled_seconds(args, writers, &rows, resumes.is_some())?
         }
-        _ => None,
+        None => None,
     };
 
     match plan.format {
@@ -305,11 +310,12 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
                     report::format_seconds(seconds)
                 );
             }
-            if let Some(writers) = writers {
-                println!(
-                    "\nThe run has {writers} writer{} per target.",
-                    if writers == 1 { "" } else { "s" }
-                );
+            let plural = if writers == 1 { "" } else { "s" };
+            match plan.resume {
+                Some(_) => println!("\nThe run has {writers} writer{plural} per target."),
+                None => println!(
+                    "\nA new job with the default options has {writers} writer{plural} per target."
+                ),
             }
             if let Some(job) = &resumes {
                 println!("The run resumes job {job}.");
@@ -325,10 +331,10 @@ async fn plan_targets(inputs: ScanInputs<'_>, plan: PlanOptions<'_>) -> Result<i
         }
         OutputFormat::Json => {
             let mut value = plan_json(&keys, &planned);
+            value["writers"] = serde_json::json!(writers);
             if plan.resume.is_some() {
                 value["command"] = serde_json::json!("run --dry-run");
                 value["resumes_job"] = serde_json::json!(resumes);
-                value["writers"] = serde_json::json!(writers);
                 value["throttled_seconds_at_least"] = serde_json::json!(throttled);
                 value["lease"] = match &lease {
                     Some(busy) => serde_json::json!({

@@ -469,15 +469,31 @@ async fn auto_writers(
             };
         }
     }
+    let paused = args.pause_between_batches_ms.is_some_and(|pause| pause > 0);
+    new_job_writers(db, targets, OrderOptions::of_run(args, 1), paused).await
+}
+
+/// Returns the writers `--writers auto` gives a new job of these order
+/// options, and why (see `resolve_writers`). `paused` tells whether the run
+/// pauses after every batch.
+pub async fn new_job_writers(
+    db: &Database,
+    targets: &[Target],
+    options: OrderOptions,
+    paused: bool,
+) -> Result<(u32, String), Failure> {
     // A pause after every batch applies to each writer, so a second one
     // would double the load that the pause was set to limit.
-    if args.pause_between_batches_ms.is_some_and(|pause| pause > 0) {
+    if paused {
         return Ok((
             1,
             "--writers auto: --pause-between-batches-ms is set".into(),
         ));
     }
-    let options = OrderOptions::of_run(args, 1);
+    let options = OrderOptions {
+        writers: 1,
+        ..options
+    };
     for target in targets {
         let state = TableState::read(db, &target.quoted_table())
             .await
@@ -698,7 +714,10 @@ pub fn check_options(args: &RunArgs) -> Result<(), Failure> {
             )));
         }
     }
-    if args.shard_count == 0 || args.shard_index >= args.shard_count {
+    if args.shard_count == 0 {
+        return Err(Failure::Config("--shard-count must be at least 1".into()));
+    }
+    if args.shard_index >= args.shard_count {
         return Err(Failure::Config(format!(
             "--shard-index must be below --shard-count (got index {} of {})",
             args.shard_index, args.shard_count

@@ -1517,6 +1517,15 @@ async fn hostile_inputs_exit_2_and_write_nothing() {
             "--shard-index must be below --shard-count",
         ),
         (
+            "no shards",
+            with(
+                key_args(good_target, &old.path, &new.path),
+                &["--shard-count", "0"],
+            ),
+            vec![],
+            "--shard-count must be at least 1",
+        ),
+        (
             "writers zero",
             with(
                 key_args(good_target, &old.path, &new.path),

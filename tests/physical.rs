@@ -446,6 +446,20 @@ async fn dry_run_order_and_rejections() {
         .find(|line| line.contains("public.t.secret"))
         .unwrap_or_else(|| panic!("no paging row in {text}"));
     assert!(row.contains(" key "), "{row}");
+    assert!(
+        text.contains("A new job with the default options has 1 writer per target."),
+        "{text}"
+    );
+
+    // The environment takes the order in any case.
+    let (code, plan, text) = run_json(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path)
+            .arg("--dry-run")
+            .env("REENCRYPT_SCAN_ORDER", "Physical"),
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(plan["targets"][0]["scan_order"], "physical", "{text}");
+    assert_eq!(plan["writers"], 2, "{text}");
 
     // A dry run rejects what the run would reject, with the same exit code.
     let rejected = |target: &str, args: &[&str], expected: &str| {
