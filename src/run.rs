@@ -417,7 +417,7 @@ fn auto_physical_factor(writers: u32) -> f64 {
 /// Writers that `--writers auto` gives a new job that reads a target in
 /// physical order. There a writer alone keeps one server process busy with
 /// its statements, one at a time, and leaves the other cores idle. At 5M
-/// rows on a 2-core machine, 2 writers gave 1.07 to 1.18 times the rows/s
+/// rows on a 2-core machine, 2 writers gave 1.03 to 1.18 times the rows/s
 /// of one, and 3 or 4 nothing more. In key order a writer alone already
 /// kept both cores busy.
 pub const AUTO_WRITERS_PHYSICAL: u32 = 2;
