@@ -21,7 +21,7 @@ use crate::pipeline::{
 };
 use crate::progress::Progress;
 use crate::report::{RunSummary, TargetSummary};
-use crate::statements::Statements;
+use crate::statements::{could_forge, Statements};
 use crate::sweep::{self, PassRecord, RangePassed, TableState};
 use crate::target::{Target, TargetSpec, UniqueKeySpec};
 use crate::throttle::{Throttle, ThrottleSettings};
@@ -692,6 +692,12 @@ fn size_text(bytes: i64) -> String {
 pub fn check_options(args: &RunArgs) -> Result<(), Failure> {
     if args.job.as_ref().is_some_and(|job| job.trim().is_empty()) {
         return Err(Failure::Config("--job must not be empty".into()));
+    }
+    // Reports, logs and `status` print the job's name as it is.
+    if let Some(job) = args.job.as_ref().filter(|job| job.chars().any(could_forge)) {
+        return Err(Failure::Config(format!(
+            "--job {job:?} contains a control or invisible character; use a name without one"
+        )));
     }
     if args.database.schema.is_empty() {
         return Err(Failure::Config("--schema must not be empty".into()));

@@ -293,13 +293,20 @@ impl Statements {
 /// NOTE: a one-column key whose text is a JSON array of strings still looks
 /// like a composite key, and one with a comma like two keys in a list.
 pub fn display_key(label: &str) -> String {
-    let escaped = |c: char| !matches!(c, '"' | '\'' | '\\') && c.escape_debug().count() > 1;
-    let plain = !label.is_empty() && !label.starts_with('"') && !label.chars().any(escaped);
+    let plain = !label.is_empty() && !label.starts_with('"') && !label.chars().any(could_forge);
     if plain {
         label.to_string()
     } else {
         format!("\"{}\"", label.escape_debug())
     }
+}
+
+/// Tells whether a character could hide or forge text on a terminal or in
+/// a log line: a control character, or an invisible one such as U+202E
+/// that reorders text. These are the characters `escape_debug` escapes,
+/// quotes and backslashes aside.
+pub fn could_forge(c: char) -> bool {
+    !matches!(c, '"' | '\'' | '\\') && c.escape_debug().count() > 1
 }
 
 /// Formats a key for reports: a one-column key as its text, a composite key as a JSON array.

@@ -1541,6 +1541,24 @@ async fn hostile_inputs_exit_2_and_write_nothing() {
             "--job must not be empty",
         ),
         (
+            "job name with a line break",
+            with(
+                key_args(good_target, &old.path, &new.path),
+                &["--job", "rotate\njob rotate-2 done"],
+            ),
+            vec![],
+            "contains a control or invisible character",
+        ),
+        (
+            "job name that reorders text",
+            with(
+                key_args(good_target, &old.path, &new.path),
+                &["--job", "abc\u{202e}def"],
+            ),
+            vec![],
+            "contains a control or invisible character",
+        ),
+        (
             "empty checkpoint schema",
             with(
                 key_args(good_target, &old.path, &new.path),
