@@ -315,15 +315,6 @@ impl std::str::FromStr for Writers {
     }
 }
 
-impl std::fmt::Display for Writers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Writers::Auto => f.write_str("auto"),
-            Writers::Count(count) => write!(f, "{count}"),
-        }
-    }
-}
-
 /// The order a pass reads a table in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ScanOrder {
