@@ -219,9 +219,9 @@ pub struct RunArgs {
     /// one shard and at least one sweep: a row the application updates
     /// during the pass may move behind it. A run that resumes the pass ends
     /// with a sweep of every row. `auto` takes `physical` where it can for a
-    /// table over 2 times the server's `shared_buffers` (1.2 times with
-    /// --writers above 1, where physical order gains more from the other
-    /// writers), `key` otherwise.
+    /// table over 2 times the server's `shared_buffers` (1.2 times for a job
+    /// with more than one writer, where physical order gains more from the
+    /// other writers), `key` otherwise.
     /// Fixed for the life of a job.
     #[arg(long, env = "REENCRYPT_SCAN_ORDER", value_enum, ignore_case = true, default_value_t = ScanOrder::Auto)]
     pub scan_order: ScanOrder,
