@@ -291,7 +291,7 @@ pub struct OutputArgs {
     pub progress_interval_secs: u64,
 }
 
-/// The number of writers asked for with `--writers`.
+/// The number of writers requested with `--writers`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Writers {
     /// Chosen by the run: the job's count when it resumes one, and

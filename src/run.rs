@@ -420,6 +420,8 @@ fn auto_physical_factor(writers: u32) -> f64 {
 /// rows on a 2-core machine, 2 writers gave 1.03 to 1.18 times the rows/s
 /// of one, and 3 or 4 nothing more. In key order a writer alone already
 /// kept both cores busy.
+/// NOTE: measured on one 2-core machine only. A server with more cores may
+/// gain from more writers, which `--writers` then has to ask for.
 pub const AUTO_WRITERS_PHYSICAL: u32 = 2;
 
 /// Returns the number of writers of a run and why: `--writers` when it is
@@ -464,7 +466,7 @@ async fn auto_writers(
                     format!("--writers auto: job {job} was started with {count}"),
                 )),
                 _ => Err(Failure::Config(format!(
-                    "job {job} records {stored} writers, which this version cannot run; use --restart to start it afresh"
+                    "job {job} has an invalid number of writers ({stored}); use --restart to start it again"
                 ))),
             };
         }
@@ -474,7 +476,7 @@ async fn auto_writers(
 }
 
 /// Returns the writers `--writers auto` gives a new job of these order
-/// options, and why (see `resolve_writers`). `paused` tells whether the run
+/// options, and why (see `resolve_writers`). `paused` is true when the run
 /// pauses after every batch.
 pub async fn new_job_writers(
     db: &Database,
@@ -696,7 +698,7 @@ pub fn check_options(args: &RunArgs) -> Result<(), Failure> {
     // Reports, logs and `status` print the job's name as it is.
     if let Some(job) = args.job.as_ref().filter(|job| job.chars().any(could_forge)) {
         return Err(Failure::Config(format!(
-            "--job {job:?} contains a control or invisible character; use a name without one"
+            "invalid --job {job:?}: it contains a control or invisible character; use a name without one"
         )));
     }
     if args.database.schema.is_empty() {

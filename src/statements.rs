@@ -301,7 +301,7 @@ pub fn display_key(label: &str) -> String {
     }
 }
 
-/// Tells whether a character could hide or forge text on a terminal or in
+/// Returns whether a character could hide or forge text on a terminal or in
 /// a log line: a control character, or an invisible one such as U+202E
 /// that reorders text. These are the characters `escape_debug` escapes,
 /// quotes and backslashes aside.
