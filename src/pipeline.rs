@@ -330,11 +330,19 @@ impl Batch {
 /// Deals `items` out into `parts` lists, item `r` to `part_of[r]`, keeping
 /// their order. Items past the end of `part_of` go to the last list.
 fn deal<T>(items: Vec<T>, part_of: &[usize], parts: usize) -> Vec<Vec<T>> {
-    let mut dealt: Vec<Vec<T>> = (0..parts).map(|_| Vec::new()).collect();
-    for (row, item) in items.into_iter().enumerate() {
+    let part = |row: usize| {
         let part = part_of.get(row).copied().unwrap_or(parts - 1);
         debug_assert!(part < parts, "row {row} dealt to part {part} of {parts}");
-        dealt[part.min(parts - 1)].push(item);
+        part.min(parts - 1)
+    };
+    // Each list is made its final size at once, not grown row by row.
+    let mut sizes = vec![0; parts];
+    for row in 0..items.len() {
+        sizes[part(row)] += 1;
+    }
+    let mut dealt: Vec<Vec<T>> = sizes.into_iter().map(Vec::with_capacity).collect();
+    for (row, item) in items.into_iter().enumerate() {
+        dealt[part(row)].push(item);
     }
     dealt
 }
@@ -637,9 +645,15 @@ fn phase_of_rows(batch: &Batch, decisions: &[Decision], of: usize) -> Vec<usize>
         .filter(|&row| decisions[row].new_value.is_some())
         .collect();
     let page = |row: usize| batch.positions.get(row).map(|position| position.block);
+    // Each text is parsed once here, not at each of the sort's comparisons.
+    let numbers: Vec<Vec<Option<i128>>> = batch
+        .keys
+        .iter()
+        .map(|column| column.iter().map(|text| text.parse().ok()).collect())
+        .collect();
     for rows in rewrites.chunk_by(|&a, &b| page(a) == page(b)) {
         let mut ranked = rows.to_vec();
-        ranked.sort_by(|&a, &b| compare_in_index_order(&batch.keys, a, b));
+        ranked.sort_by(|&a, &b| compare_in_index_order(&batch.keys, &numbers, a, b));
         for (rank, &row) in ranked.iter().enumerate() {
             part_of[row] = phase_of_rank(rank, ranked.len(), of);
         }
@@ -672,22 +686,32 @@ fn phase_of_rank(rank: usize, rows: usize, of: usize) -> usize {
 }
 
 /// Compares the keys of rows `a` and `b` in an order close to the index's,
-/// column by column (see `column_order_key`). Only the placement of index
-/// entries depends on it, never which rows are written.
-fn compare_in_index_order(keys: &[Vec<String>], a: usize, b: usize) -> std::cmp::Ordering {
+/// column by column (see `column_order_key`). `numbers[c][r]` is the text
+/// `keys[c][r]` parsed as an integer, if it is one. Only the placement of
+/// index entries depends on it, never which rows are written.
+fn compare_in_index_order(
+    keys: &[Vec<String>],
+    numbers: &[Vec<Option<i128>>],
+    a: usize,
+    b: usize,
+) -> std::cmp::Ordering {
     keys.iter()
-        .map(|column| column_order_key(&column[a]).cmp(&column_order_key(&column[b])))
+        .zip(numbers)
+        .map(|(texts, numbers)| {
+            column_order_key(numbers[a], &texts[a]).cmp(&column_order_key(numbers[b], &texts[b]))
+        })
         .find(|order| order.is_ne())
         .unwrap_or(std::cmp::Ordering::Equal)
 }
 
-/// Returns the sort key of one key column's text: integers first and by
-/// value, then other texts byte by byte, which is the order of uuids. It is
-/// a total order whatever the texts, as a sort requires.
-fn column_order_key(text: &str) -> (bool, i128, &str) {
-    match text.parse::<i128>() {
-        Ok(number) => (false, number, text),
-        Err(_) => (true, 0, text),
+/// Returns the sort key of one key column's text, given the integer it
+/// parses as, if any: integers first and by value, then other texts byte by
+/// byte, which is the order of uuids. It is a total order whatever the
+/// texts, as a sort requires.
+fn column_order_key(number: Option<i128>, text: &str) -> (bool, i128, &str) {
+    match number {
+        Some(number) => (false, number, text),
+        None => (true, 0, text),
     }
 }
 
