@@ -9,15 +9,16 @@
 use std::cell::RefCell;
 
 use aes::cipher::block_padding::Pkcs7;
-use aes::cipher::{BlockDecryptMut, BlockEncryptMut, InnerIvInit, KeyInit, KeyIvInit};
+use aes::cipher::{BlockDecryptMut, BlockEncryptMut, InnerIvInit, KeyInit};
 use aes::Aes256;
 use zeroize::Zeroizing;
 
 use crate::envelope::{self, Envelope, IV_BYTES};
 use crate::keys::Key;
 
-type Decryptor = cbc::Decryptor<aes::Aes256>;
-type Encryptor = cbc::Encryptor<aes::Aes256>;
+// The hot path borrows each key schedule instead of copying it per value.
+type Decryptor<'k> = cbc::Decryptor<&'k Aes256>;
+type Encryptor<'k> = cbc::Encryptor<&'k Aes256>;
 
 /// How many fresh IVs to try before giving up on a new value that also
 /// decrypts under an old key (each try fails with probability below 1/256).
@@ -191,7 +192,7 @@ impl Keyring {
     fn encrypt_verified(&self, plaintext: &[u8]) -> Result<String, EncryptError> {
         for _ in 0..MAX_IV_ATTEMPTS {
             let iv = fresh_iv().map_err(|_| EncryptError::Random)?;
-            let ciphertext = Encryptor::inner_iv_init(self.new.clone(), &iv.into())
+            let ciphertext = Encryptor::inner_iv_init(&self.new, &iv.into())
                 .encrypt_padded_vec_mut::<Pkcs7>(plaintext);
             let envelope = Envelope { iv, ciphertext };
 
@@ -249,7 +250,7 @@ fn fresh_iv() -> Result<[u8; IV_BYTES], getrandom::Error> {
 /// padding is valid and the plaintext is valid UTF-8.
 fn decrypt(key: &Aes256, envelope: &Envelope) -> Option<Zeroizing<Vec<u8>>> {
     let plaintext = Zeroizing::new(
-        Decryptor::inner_iv_init(key.clone(), &envelope.iv.into())
+        Decryptor::inner_iv_init(key, &envelope.iv.into())
             .decrypt_padded_vec_mut::<Pkcs7>(&envelope.ciphertext)
             .ok()?,
     );
@@ -270,7 +271,8 @@ pub fn decrypt_to_string(key: &Key, value: &str) -> Option<Zeroizing<String>> {
 pub fn encrypt_string(key: &Key, plaintext: &str) -> String {
     let mut iv = [0u8; IV_BYTES];
     getrandom::getrandom(&mut iv).expect("the operating system's random source failed");
-    let ciphertext = Encryptor::new(key.as_bytes().into(), &iv.into())
+    let schedule = Aes256::new(key.as_bytes().into());
+    let ciphertext = Encryptor::inner_iv_init(&schedule, &iv.into())
         .encrypt_padded_vec_mut::<Pkcs7>(plaintext.as_bytes());
     envelope::format(&iv, &ciphertext)
 }
