@@ -1578,3 +1578,42 @@ async fn resume_refused_after_current_version_moves_on() {
     );
     assert_rows_under(&db, &new, &plaintexts).await;
 }
+
+#[test]
+fn address_credentials_stay_hidden() {
+    // A short password, which the search for known secrets would skip.
+    let with_credentials = |address: &str| address.replacen("://", "://ops:pw-Zq7@", 1);
+    let bao = OpenBao::start();
+
+    let mut command = bao.reencrypt();
+    command.env("VAULT_ADDR", with_credentials(&bao.address));
+    let output = keys_output(command, &["--new-key-from-vault"]);
+
+    assert_eq!(code(&output), 2, "{}", output_text(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains(&format!(
+            "nothing at secret/data/agentidp/encryption-key on {})",
+            bao.address
+        )),
+        "{message}"
+    );
+    assert_no_secrets(&output, &["pw-Zq7", "ops:"]);
+
+    // The address of a server that was started and stopped: the retries'
+    // warnings quote the URL of each request.
+    let mut command = bao.reencrypt();
+    command.env("VAULT_ADDR", with_credentials(&bao.address));
+    drop(bao);
+    let output = keys_output(command, &["--new-key-from-vault"]);
+
+    assert_eq!(code(&output), 1, "{}", output_text(&output));
+    let message = stderr(&output);
+    assert_eq!(
+        message.matches("Vault request failed; retrying.").count(),
+        3,
+        "{message}"
+    );
+    assert!(message.contains("could not be reached"), "{message}");
+    assert_no_secrets(&output, &["pw-Zq7", "ops:"]);
+}

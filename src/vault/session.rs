@@ -96,6 +96,9 @@ impl Session {
     /// method needs it.
     pub(super) async fn open(args: &VaultArgs) -> Result<Session, VaultError> {
         let address = address(args.vault_addr.as_deref())?;
+        // Messages name the server without the user and password that an
+        // address may carry for a proxy in front of Vault.
+        let display_address = without_url_credentials(address.as_str().trim_end_matches('/'));
         let namespace = match given(&args.vault_namespace) {
             Some(namespace) => {
                 check_header_safe(namespace, "Vault namespace (--vault-namespace)")?;
@@ -107,7 +110,7 @@ impl Session {
         let credentials = credentials(args)?;
 
         if args.vault_skip_verify {
-            tracing::warn!(address = %address.as_str().trim_end_matches('/'), "Vault's TLS certificate is not verified (VAULT_SKIP_VERIFY or --vault-skip-verify).");
+            tracing::warn!(address = %display_address, "Vault's TLS certificate is not verified (VAULT_SKIP_VERIFY or --vault-skip-verify).");
         }
         if std::env::var_os("VAULT_CLIENT_CERT").is_some() {
             tracing::warn!("VAULT_CLIENT_CERT is set, but TLS client certificates are not supported; it is ignored.");
@@ -138,7 +141,7 @@ impl Session {
 
         let mut session = Session {
             client,
-            address: address.as_str().trim_end_matches('/').to_string(),
+            address: display_address,
             auth: String::new(),
             secrets: vec![token],
         };
@@ -488,7 +491,10 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 const MIN_REDACTED_CHARS: usize = 8;
 
 /// Replaces every occurrence of a secret in `text`.
-fn redact(mut text: String, secrets: &[Zeroizing<String>]) -> String {
+fn redact(text: String, secrets: &[Zeroizing<String>]) -> String {
+    // A transport error quotes the request's URL, with the address's
+    // credentials whatever their length.
+    let mut text = without_url_credentials(&text);
     for secret in secrets.iter().filter(|s| s.len() >= MIN_REDACTED_CHARS) {
         if text.contains(secret.as_str()) {
             text = text.replace(secret.as_str(), "[redacted]");
@@ -505,17 +511,49 @@ fn address(value: Option<&str>) -> Result<reqwest::Url, VaultError> {
                 .into(),
         )
     })?;
+    // An address that does not parse may keep a password past what
+    // `without_url_credentials` recognizes, so one with an `@` left is not shown.
+    let mut display = without_url_credentials(text);
+    if display.contains('@') {
+        display = "(not shown, because it contains '@')".to_string();
+    }
     let url = reqwest::Url::parse(text).map_err(|e| {
         VaultError::Config(format!(
-            "invalid Vault address {text:?} (VAULT_ADDR or --vault-addr): {e}; expected e.g. https://vault.example.com:8200"
+            "invalid Vault address {display:?} (VAULT_ADDR or --vault-addr): {e}; expected e.g. https://vault.example.com:8200"
         ))
     })?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(VaultError::Config(format!(
-            "invalid Vault address {text:?} (VAULT_ADDR or --vault-addr): the scheme must be http or https"
+            "invalid Vault address {display:?} (VAULT_ADDR or --vault-addr): the scheme must be http or https"
         )));
     }
     Ok(url)
+}
+
+/// Returns `text` with the user and password removed from each URL in it:
+/// whatever lies between `://` and the last `@` of the authority, which
+/// ends at `/`, `?`, `#`, whitespace, a quote or a closing bracket.
+fn without_url_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(found) = rest.find("://") {
+        let authority_start = found + 3;
+        out.push_str(&rest[..authority_start]);
+        let after = &rest[authority_start..];
+        let authority_end = after
+            .find(|c: char| {
+                matches!(c, '/' | '?' | '#' | '"' | '\'' | ')' | ']' | '>') || c.is_whitespace()
+            })
+            .unwrap_or(after.len());
+        let authority = &after[..authority_end];
+        match authority.rfind('@') {
+            Some(at) => out.push_str(&authority[at + 1..]),
+            None => out.push_str(authority),
+        }
+        rest = &after[authority_end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Lists the CA files: --vault-cacert and every file in --vault-capath.
@@ -816,6 +854,50 @@ mod tests {
         std::fs::write(&path, " \n").unwrap();
         let error = read_secret_file(&path, "Vault token file").unwrap_err();
         assert!(error.to_string().ends_with("is empty"), "{error}");
+    }
+
+    #[test]
+    fn url_credentials_are_removed() {
+        let cases = [
+            (
+                "http://admin:Passw0rd@127.0.0.1:8200",
+                "http://127.0.0.1:8200",
+            ),
+            (
+                "https://u:p@vault:8200/v1/secret",
+                "https://vault:8200/v1/secret",
+            ),
+            ("https://only-user@vault", "https://vault"),
+            ("http://a:p%40ss@h/x?y#z", "http://h/x?y#z"),
+            (
+                "error sending request for url (http://a:b@h:1/v1/k): refused, see https://x:y@z",
+                "error sending request for url (http://h:1/v1/k): refused, see https://z",
+            ),
+            ("no url here: a:b@c", "no url here: a:b@c"),
+            ("http://vault:8200", "http://vault:8200"),
+            ("http://", "http://"),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(without_url_credentials(text), expected, "{text}");
+        }
+        let short = vec![Zeroizing::new("tt".to_string())];
+        assert_eq!(
+            redact("for url (http://u:pw@h/v1)".into(), &short),
+            "for url (http://h/v1)"
+        );
+    }
+
+    #[test]
+    fn invalid_address_hides_credentials() {
+        let error = address(Some("http://admin:Passw0rd@vault:notaport")).unwrap_err();
+        assert!(!error.to_string().contains("Passw0rd"), "{error}");
+        assert!(
+            error.to_string().contains("http://vault:notaport"),
+            "{error}"
+        );
+        let error = address(Some("http://admin:pa/ss@vault:8200")).unwrap_err();
+        assert!(!error.to_string().contains("admin:pa"), "{error}");
+        assert!(!error.to_string().contains("ss@vault"), "{error}");
     }
 
     #[test]
