@@ -32,6 +32,15 @@ impl Failure {
             let message = format!("{context}: {}", crate::db::describe(error));
             return Failure::Config(message);
         }
+        if let sqlx::Error::Database(db) = error {
+            if db
+                .code()
+                .is_some_and(|code| !is_transient_at_connect(&code))
+            {
+                let message = format!("{context}: {}", crate::db::describe(error));
+                return Failure::Config(message);
+            }
+        }
         Failure::from_database(context, error)
     }
 
@@ -69,6 +78,18 @@ impl Failure {
         }
         Failure::Retryable(message)
     }
+}
+
+/// Tells whether a server's refusal of a new session may pass. The server
+/// checks the login and the startup options, such as the URL's `options`,
+/// before it accepts a session, and those errors come back on every attempt.
+/// The classes that may pass: 08 connection exception, 53 insufficient
+/// resources (too many connections), 57 operator intervention (starting up,
+/// shutting down), 58 system error, and XX internal error.
+fn is_transient_at_connect(code: &str) -> bool {
+    ["08", "53", "57", "58", "XX"]
+        .iter()
+        .any(|class| code.starts_with(class))
 }
 
 /// Tells whether a connection failed because TLS rejected a certificate

@@ -64,6 +64,39 @@ fn connection_failures_named_at_once() {
     }
 }
 
+#[test]
+fn rejected_startup_options_are_configuration_errors() {
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let server = common::server_url();
+    // Each is refused by the server before a session starts, every time.
+    let cases = [
+        (
+            format!("{server}/test?options=-cbogus%3D1"),
+            "unrecognized configuration parameter",
+        ),
+        (
+            format!("{server}/test?options=-cstatement_timeout%3Dsoon"),
+            "statement_timeout",
+        ),
+        (
+            format!("{server}/test?options=-cshared_buffers%3D1MB"),
+            "shared_buffers",
+        ),
+    ];
+    for (url, expected) in &cases {
+        for command in ["run", "plan", "verify"] {
+            let (code, text, _) = attempt(command, url, &old, &new);
+            assert_eq!(code, 2, "{command} {url}: {text}");
+            assert!(
+                text.contains("cannot connect to the database"),
+                "{command} {url}: {text}"
+            );
+            assert!(text.contains(expected), "{command} {url}: {text}");
+        }
+    }
+}
+
 /// A local listener that counts and closes every connection made to it.
 struct CountingListener {
     port: u16,
