@@ -48,6 +48,15 @@ pub fn parse_targets(args: &TargetArgs) -> Result<(Vec<TargetSpec>, Vec<UniqueKe
     Ok((specs, unique_keys))
 }
 
+/// Converts the reason a range stopped into the run's failure, naming the
+/// target and range, so that the final message says where the run stopped.
+fn range_failure(label: &str, range_index: i32, error: pipeline::RangeError) -> Failure {
+    match error {
+        pipeline::RangeError::Interrupted => Failure::Interrupted,
+        other => Failure::Retryable(format!("{label}, range {range_index}: {other}")),
+    }
+}
+
 /// Resolves every target against the catalog, in one read-only transaction.
 pub async fn resolve_targets(
     db: &Database,
@@ -1447,7 +1456,9 @@ async fn rotate_all(
                     let after = work.after.as_ref().map(|k| crate::statements::display_key(&crate::statements::key_label(k))).unwrap_or_default();
                     tracing::info!(target = %label, range = range.range_index, after = %after, resumed = range.last_key.is_some(), "Range started.");
                     let start = work.after.clone();
-                    let outcome = pipeline::run_range(settings, statements, work, Pass::Main).await?;
+                    let outcome = pipeline::run_range(settings, statements, work, Pass::Main)
+                        .await
+                        .map_err(|e| range_failure(label, range.range_index, e))?;
                     let mut tx = settings.db.begin().await.map_err(|e| Failure::from_database("cannot mark the range done", &e))?;
                     checkpoint::set_range_status(&mut tx, &settings.schema, &settings.job, label, range.range_index, "done")
                         .await
@@ -1521,11 +1532,11 @@ async fn rotate_all(
                 futures::stream::iter(parts)
                     .map(|work| {
                         let statements = statements.clone();
+                        let (label, range_index) = (work.target_label.clone(), work.range_index);
                         async move {
-                            Ok(
-                                pipeline::run_range(settings, statements, work, Pass::Sweep)
-                                    .await?,
-                            )
+                            pipeline::run_range(settings, statements, work, Pass::Sweep)
+                                .await
+                                .map_err(|e| range_failure(&label, range_index, e))
                         }
                     })
                     .buffer_unordered(writers)

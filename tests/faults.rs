@@ -619,6 +619,64 @@ async fn run_while_locked(
 }
 
 #[tokio::test]
+async fn lock_held_past_retries_names_range() {
+    let db = TestDb::new().await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let rows = 100;
+    fill(&db.pool, "t", rows, &old.key, &new.key).await;
+
+    // Row 50 stays locked for longer than every retry of its batch.
+    let locker = lock_rows(&db, "SELECT id FROM t WHERE id = 50 FOR UPDATE").await;
+    let output = run_while_locked(
+        run_command(&db, &["t.secret"], &[&old.path], &new.path).args([
+            "--batch-size",
+            "10",
+            "--lock-timeout-ms",
+            "200",
+            "--max-retries",
+            "2",
+            "--retry-budget-secs",
+            "3",
+        ]),
+        locker,
+        Duration::from_secs(6),
+    )
+    .await;
+    let text = output_text(&output);
+    assert_eq!(output.status.code(), Some(1), "{text}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("public.t.secret, range 0: gave up after 2 attempts"),
+        "{text}"
+    );
+    assert!(last.contains("55P03"), "{text}");
+
+    // The batches before the locked row's committed, and every later row
+    // is unchanged: the rows under the new key are the first ones, up to
+    // somewhere before row 50.
+    let values: Vec<(i64, String)> = sqlx::query_as("SELECT id, secret FROM t ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(values.len() as i64, rows);
+    let read = |key: &Key, value: &str| decrypt_to_string(key, value).map(|p| p.to_string());
+    let rotated = values
+        .iter()
+        .take_while(|(_, value)| read(&new.key, value).is_some())
+        .count();
+    assert!(
+        (10..50).contains(&rotated),
+        "{rotated} rows rotated: {text}"
+    );
+    for (index, (id, value)) in values.iter().enumerate() {
+        let key = if index < rotated { &new.key } else { &old.key };
+        assert_eq!(read(key, value), Some(format!("plain-{id}")), "row {id}");
+    }
+}
+
+#[tokio::test]
 async fn lock_wait_logs_no_sql() {
     let db = TestDb::new().await;
     let old = KeyFile::generate();
