@@ -49,7 +49,7 @@ pub fn parse_targets(args: &TargetArgs) -> Result<(Vec<TargetSpec>, Vec<UniqueKe
 }
 
 /// Converts the reason a range stopped into the run's failure, naming the
-/// target and range, so that the final message says where the run stopped.
+/// target and range, so that the final message shows where the run stopped.
 fn range_failure(label: &str, range_index: i32, error: pipeline::RangeError) -> Failure {
     match error {
         pipeline::RangeError::Interrupted => Failure::Interrupted,
