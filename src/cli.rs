@@ -64,7 +64,7 @@ pub enum Command {
     Run(RunArgs),
     /// Read-only: count what a run would do, per target. Writes nothing.
     Plan(PlanArgs),
-    /// Changes no value: exit 0 only if no value is readable under an old key and none is ambiguous. Records its result in the worker's runs table.
+    /// Check every value: exit 0 only if none is readable under an old key and none is ambiguous. Changes no value, and records the result in the worker's runs table.
     #[command(after_help = crate::exit::HELP)]
     Verify(VerifyArgs),
     /// Show jobs and their targets from the checkpoint tables.

@@ -80,12 +80,12 @@ impl Failure {
     }
 }
 
-/// Tells whether a server's refusal of a new session may pass. The server
-/// checks the login and the startup options, such as the URL's `options`,
-/// before it accepts a session, and those errors come back on every attempt.
-/// The classes that may pass: 08 connection exception, 53 insufficient
+/// Tells whether an error that rejects a new session may pass on a later
+/// attempt. The server checks the login and the startup options (the URL's
+/// `options`) before a session starts, and those errors recur every time.
+/// The classes that may pass are 08 connection exception, 53 insufficient
 /// resources (too many connections), 57 operator intervention (starting up,
-/// shutting down), 58 system error, and XX internal error.
+/// shutting down), 58 system error and XX internal error.
 fn is_transient_at_connect(code: &str) -> bool {
     ["08", "53", "57", "58", "XX"]
         .iter()
@@ -107,13 +107,4 @@ fn is_certificate_error(error: &sqlx::Error) -> bool {
                 rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
             )
         })
-}
-
-impl From<crate::pipeline::RangeError> for Failure {
-    fn from(error: crate::pipeline::RangeError) -> Failure {
-        match error {
-            crate::pipeline::RangeError::Interrupted => Failure::Interrupted,
-            other => Failure::Retryable(other.to_string()),
-        }
-    }
 }

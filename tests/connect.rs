@@ -69,7 +69,7 @@ fn rejected_startup_options_are_configuration_errors() {
     let old = KeyFile::generate();
     let new = KeyFile::generate();
     let server = common::server_url();
-    // Each is refused by the server before a session starts, every time.
+    // The server rejects each of these before a session starts, every time.
     let cases = [
         (
             format!("{server}/test?options=-cbogus%3D1"),

@@ -653,9 +653,9 @@ async fn lock_held_past_retries_names_range() {
     );
     assert!(last.contains("55P03"), "{text}");
 
-    // The batches before the locked row's committed, and every later row
-    // is unchanged: the rows under the new key are the first ones, up to
-    // somewhere before row 50.
+    // The batches before the one with the locked row committed, and every
+    // later row is unchanged. So the rows under the new key are the first
+    // ones, ending before row 50.
     let values: Vec<(i64, String)> = sqlx::query_as("SELECT id, secret FROM t ORDER BY id")
         .fetch_all(&db.pool)
         .await

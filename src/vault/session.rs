@@ -492,8 +492,8 @@ const MIN_REDACTED_CHARS: usize = 8;
 
 /// Replaces every occurrence of a secret in `text`.
 fn redact(text: String, secrets: &[Zeroizing<String>]) -> String {
-    // A transport error quotes the request's URL, with the address's
-    // credentials whatever their length.
+    // A transport error quotes the request's URL, which carries the
+    // address's credentials. They are removed whatever their length.
     let mut text = without_url_credentials(&text);
     for secret in secrets.iter().filter(|s| s.len() >= MIN_REDACTED_CHARS) {
         if text.contains(secret.as_str()) {
