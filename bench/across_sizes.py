@@ -1,23 +1,27 @@
 #!/usr/bin/env python3
-"""Compare each setting's rows/s across the table sizes of one bench run.
+"""Compare each setting's rows/s across the table sizes and rounds of one bench run.
 
 usage: across_sizes.py RATES
 
 RATES is the tab-separated file bench/run.sh writes, a line per run: rows,
-build (or "floor"), scan order, writers, rows/s, the floor's rows/s at
-that size, and the scan order the run took ("-" for the floor). A failed
-run has "failed" for its rows/s. Prints a
-line per setting: its rows/s at each size with the ratio to the floor and
-the order taken beside it, and the rows/s at each later size as a
-share of the rows/s at the first. A cost per row that stays flat as the
-table grows keeps that share near 1.
+build (or "floor"), scan order, writers, rows/s, the floor's rows/s in the
+same round, and the scan order the run took ("-" for the floor). A failed
+run has "failed" for its rows/s. Prints a line per setting: its rows/s at
+each size with the ratio to the floor and the order taken beside it, and
+the rows/s at each later size as a share of the rows/s at the first. A
+cost per row that stays flat as the table grows keeps that share near 1.
+
+A setting measured more than once at a size (several rounds, or a build
+listed twice) shows its median rows/s and the median of its ratios, each
+ratio taken against the floor of its own round, with their range.
 """
 
+import statistics
 import sys
 
 
 def main(path):
-    sizes, settings, rates, floors, orders_taken, failed = [], [], {}, {}, {}, set()
+    sizes, settings, runs, orders_taken, failed = [], [], {}, {}, {}
     with open(path, encoding="utf-8") as lines:
         for line in lines:
             fields = line.rstrip("\n").split("\t")
@@ -31,18 +35,17 @@ def main(path):
             if setting not in settings:
                 settings.append(setting)
             if rate == "failed":
-                failed.add((setting, rows))
+                failed[(setting, rows)] = failed.get((setting, rows), 0) + 1
                 continue
-            rate = int(rate)
-            # A setting run twice at one size (a build listed twice) keeps its mean.
-            rates.setdefault((setting, rows), []).append(rate)
-            floors[(setting, rows)] = floor
+            runs.setdefault((setting, rows), []).append((int(rate), int(rate) / floor))
             orders_taken.setdefault((setting, rows), set()).add(chosen)
-    if len(sizes) < 2:
+    repeated = any(len(measured) > 1 for measured in runs.values())
+    if len(sizes) < 2 and not repeated:
         return
     first = sizes[0]
     print(
-        "across sizes: rows/s (x the floor at that size, order taken, and writers taken for auto);"
+        "across sizes and rounds: rows/s (x the floor of the same round, order taken, and writers"
+        " taken for auto); with several runs, the medians and [lowest-highest ratio];"
         f" share = rows/s at a size / rows/s at {first:,} rows"
     )
     for setting in settings:
@@ -51,14 +54,20 @@ def main(path):
         cells, shares = [], []
         base = None
         for rows in sizes:
-            measured = rates.get((setting, rows))
+            measured = runs.get((setting, rows))
             if not measured:
                 cells.append(f"{rows:,}: {'failed' if (setting, rows) in failed else '-'}")
                 continue
-            rate = sum(measured) / len(measured)
-            ratio = rate / floors[(setting, rows)]
+            rate = statistics.median(r for r, _ in measured)
+            ratios = [ratio for _, ratio in measured]
+            spread = f" [{min(ratios):.2f}-{max(ratios):.2f}]" if len(ratios) > 1 and build != "floor" else ""
             orders = "/".join(sorted(orders_taken[(setting, rows)] - {"-"}))
-            cells.append(f"{rows:,}: {rate:,.0f} ({ratio:.2f}{', ' + orders if orders else ''})")
+            cells.append(
+                f"{rows:,}: {rate:,.0f} ({statistics.median(ratios):.2f}{spread}"
+                f"{', ' + orders if orders else ''}"
+                f"{f', {len(measured)} runs' if len(measured) > 1 else ''}"
+                f"{f', {failed[(setting, rows)]} failed' if (setting, rows) in failed else ''})"
+            )
             if rows == first:
                 base = rate
             elif base:

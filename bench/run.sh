@@ -29,6 +29,9 @@
 #   BENCH_BINARIES paths of other builds to measure instead of the release
 #                  binary, each in turn after the same floor, for a side by side
 #                  comparison in one run (implies BENCH_NO_BUILD=1)
+#   BENCH_ROUNDS   how many times to measure each size, the floor first each
+#                  time (default 1); with more than one, the summary gives each
+#                  setting's median rows/s and median ratio to its round's floor
 # Needs psql, openssl, python3, cargo and GNU time (/usr/bin/time, Debian package `time`),
 # and PostgreSQL 14 or later (pg_stat_wal) with a superuser, because each
 # measurement resets the server's shared statistics (pg_stat_reset_shared).
@@ -74,6 +77,9 @@ for writers in ${BENCH_WRITERS:-1}; do
   case $seen in *" $writers "*) echo "error: BENCH_WRITERS lists '$writers' twice" >&2; exit 2 ;; esac
   seen+="$writers "
 done
+
+rounds=${BENCH_ROUNDS:-1}
+case $rounds in '' | *[!0-9]* | 0*) echo "error: invalid BENCH_ROUNDS '$rounds'; use a whole number of 1 or more" >&2; exit 2 ;; esac
 
 tools=(psql openssl python3 /usr/bin/time)
 [ "$build" = 0 ] || tools+=(cargo)
@@ -317,20 +323,28 @@ else:
 failed=0
 : >"$work/rates.tsv"
 for rows in "${sizes[@]}"; do
-  if ! template || ! floor; then
-    echo "error: could not build or measure the floor at $rows rows; going on with the next size" >&2
+  if ! template; then
+    echo "error: could not build the template table at $rows rows; going on with the next size" >&2
     failed=1
     continue
   fi
-  for order in ${BENCH_ORDERS:-key}; do
-    for writers in ${BENCH_WRITERS:-1}; do
-      n=0
-      for binary in "${binaries[@]}"; do
-        n=$((n + 1))
-        measure "$binary" "$order" "$writers" "$n" || failed=1
+  for round in $(seq 1 "$rounds"); do
+    [ "$rounds" = 1 ] || echo "round $round of $rounds at $rows rows"
+    if ! floor; then
+      echo "error: could not measure the floor at $rows rows; going on with the next round" >&2
+      failed=1
+      continue
+    fi
+    for order in ${BENCH_ORDERS:-key}; do
+      for writers in ${BENCH_WRITERS:-1}; do
+        n=0
+        for binary in "${binaries[@]}"; do
+          n=$((n + 1))
+          measure "$binary" "$order" "$writers" "$n-$round" || failed=1
+        done
       done
     done
   done
 done
-[ "${#sizes[@]}" -lt 2 ] || python3 "$here/across_sizes.py" "$work/rates.tsv"
+[ "${#sizes[@]}" -lt 2 ] && [ "$rounds" = 1 ] || python3 "$here/across_sizes.py" "$work/rates.tsv"
 exit "$failed"
