@@ -49,8 +49,12 @@ impl Database {
         max_connections: u32,
         timeouts: Timeouts,
     ) -> Result<Database, sqlx::Error> {
-        let options = connect_options(url)?
-            .application_name("reencrypt")
+        let mut options = connect_options(url)?;
+        // A name given in the URL is kept, so that this run can be told apart from others.
+        if options.get_application_name().is_none() {
+            options = options.application_name("reencrypt");
+        }
+        let options = options
             // No statement outlives its transaction: a cached one would be
             // missing on the next server connection a pooler hands out, and
             // `DEALLOCATE ALL` in `begin` would drop it anyway.
@@ -166,7 +170,73 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
             format!("{found}; expected a URL that starts with postgres:// or postgresql://").into(),
         ));
     }
+    check_url_parameters(url).map_err(|message| sqlx::Error::Configuration(message.into()))?;
     PgConnectOptions::from_str(url)
+}
+
+/// Query parameters of a connection URL that sqlx reads, besides
+/// `options[NAME]`. It skips any other with a log line that shows the value,
+/// so a misspelt `sslmode` would connect without the TLS it requests.
+/// `statement-cache-capacity` is left out: every connection keeps no
+/// statement cache (see `Database::connect_lazy`).
+const URL_PARAMETERS: [&str; 17] = [
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// Maximum length of a parameter name that an error message shows.
+const MAX_SHOWN_NAME: usize = 40;
+
+/// Checks that every query parameter of a connection URL is in
+/// `URL_PARAMETERS`, and returns an error message for the first that is not. The URL is split
+/// and decoded as sqlx does. A name is shown only if it looks like a
+/// parameter name: a password with an unencoded `?` or `#` ends up in the
+/// query, where the `@` after it keeps it from being shown.
+fn check_url_parameters(text: &str) -> Result<(), String> {
+    // An unparseable URL is reported by sqlx's parser, which comes next.
+    let Ok(url) = url::Url::parse(text) else {
+        return Ok(());
+    };
+    let supported = "sslmode, sslrootcert, sslcert, sslkey, host, hostaddr, port, dbname, user, \
+                     password, application_name, options and options[NAME]";
+    for (position, (name, _)) in url.query_pairs().enumerate() {
+        let known = URL_PARAMETERS.contains(&name.as_ref())
+            || name.starts_with("options[") && name.ends_with(']');
+        if known {
+            continue;
+        }
+        let looks_like_a_name = !name.is_empty()
+            && name.len() <= MAX_SHOWN_NAME
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        let shown = match looks_like_a_name {
+            true => format!("'{name}'"),
+            false => format!(
+                "{} of the query (its name is not shown, because it may contain a secret)",
+                position + 1
+            ),
+        };
+        return Err(format!(
+            "unsupported parameter {shown}; the supported ones are {supported}"
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that `text` has the form of a URL scheme (RFC 3986, section 3.1),
@@ -253,5 +323,56 @@ pub fn describe(error: &sqlx::Error) -> String {
             None => db.message().to_string(),
         },
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_parameters_accepted() {
+        let url = "postgres://u@h/db?sslmode=require&ssl-root-cert=/ca.pem&host=%2Ftmp\
+                   &port=5433&dbname=d&user=u&password=p&application_name=a\
+                   &options=-c%20x%3D1&options[lock_timeout]=5s";
+        assert_eq!(check_url_parameters(url), Ok(()));
+    }
+
+    #[test]
+    fn parameter_names_decoded_as_sqlx_does() {
+        assert_eq!(
+            check_url_parameters("postgres://h/db?ssl%6Dode=require"),
+            Ok(())
+        );
+        let error = check_url_parameters("postgres://h/db?ssl+mode=require").unwrap_err();
+        assert!(error.contains("parameter 1 of the query"), "{error}");
+    }
+
+    #[test]
+    fn fragment_is_not_query() {
+        assert_eq!(
+            check_url_parameters("postgres://h/db#x?connect_timeout=1"),
+            Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn application_name_from_url_kept() {
+        let timeouts = Timeouts {
+            lock_timeout_ms: 1,
+            statement_timeout_ms: 1,
+            idle_in_transaction_timeout_ms: 1,
+        };
+        let named = Database::connect_lazy("postgres://h/db?application_name=nightly", 1, timeouts)
+            .unwrap();
+        assert_eq!(
+            named.pool.connect_options().get_application_name(),
+            Some("nightly")
+        );
+        let unnamed = Database::connect_lazy("postgres://h/db", 1, timeouts).unwrap();
+        assert_eq!(
+            unnamed.pool.connect_options().get_application_name(),
+            Some("reencrypt")
+        );
     }
 }

@@ -230,6 +230,70 @@ fn database_url_scheme_rejected_before_connecting() {
     );
 }
 
+#[test]
+fn database_url_unsupported_parameters_rejected() {
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let listener = CountingListener::start();
+    let base = format!(
+        "postgres://app:S3cretPassw0rd@127.0.0.1:{}/test",
+        listener.port
+    );
+    let long_name = "a".repeat(41);
+    // Each case: the query, and the text the error shows for it.
+    let cases = [
+        (
+            "sslmdoe=require".to_string(),
+            "unsupported parameter 'sslmdoe'",
+        ),
+        (
+            "Sslmode=require".to_string(),
+            "unsupported parameter 'Sslmode'",
+        ),
+        (
+            "sslmode=require&connect_timeout=5".to_string(),
+            "unsupported parameter 'connect_timeout'",
+        ),
+        (
+            "statement-cache-capacity=100".to_string(),
+            "unsupported parameter 'statement-cache-capacity'",
+        ),
+        (
+            "passwrod=Hunter2Hunter2".to_string(),
+            "unsupported parameter 'passwrod'",
+        ),
+        (
+            "user=app&Hunter2Hunter2/x".to_string(),
+            "unsupported parameter 2 of the query (its name is not shown",
+        ),
+        (
+            format!("{long_name}=1"),
+            "unsupported parameter 1 of the query (its name is not shown",
+        ),
+    ];
+
+    for command in [
+        "run", "plan", "verify", "status", "reset", "release", "demo",
+    ] {
+        for (query, expected) in &cases {
+            let url = format!("{base}?{query}");
+            let (code, text) = run_with_url(command, &url, &old, &new);
+            assert_eq!(code, 2, "{command} {query}: {text}");
+            assert!(text.contains("invalid --database-url"), "{command}: {text}");
+            assert!(text.contains(expected), "{command} {query}: {text}");
+            assert!(text.contains("sslmode, sslrootcert"), "{command}: {text}");
+            assert!(!text.contains("S3cretPassw0rd"), "{command}: {text}");
+            assert!(!text.contains("Hunter2"), "{command}: {text}");
+            assert!(!text.contains(&long_name), "{command}: {text}");
+        }
+    }
+    assert_eq!(
+        listener.connections(),
+        0,
+        "a command connected with a URL it should have rejected"
+    );
+}
+
 #[tokio::test]
 async fn database_url_postgres_schemes_accepted() {
     let db = TestDb::new().await;
@@ -240,6 +304,10 @@ async fn database_url_postgres_schemes_accepted() {
         db.url.clone(),
         db.url.replacen("postgres://", "postgresql://", 1),
         db.url.replacen("postgres://", "POSTGRES://", 1),
+        format!(
+            "{}?sslmode=prefer&application_name=nightly&options[statement_timeout]=0",
+            db.url
+        ),
     ];
     // NOTE: the socket forms are checked only against the default server,
     // and only where it has its socket in the Debian default directory.
