@@ -83,9 +83,10 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct DatabaseArgs {
     /// PostgreSQL connection URL, e.g. postgres://user:password@host:5432/db.
-    /// Query parameters: sslmode, sslrootcert, sslcert, sslkey, host,
-    /// hostaddr, port, dbname, user, password, application_name (default
-    /// reencrypt), options and options[NAME]; any other is rejected.
+    /// Query parameters: sslmode, sslrootcert, sslcert, sslkey (or ssl-mode,
+    /// ssl-root-cert or ssl-ca, ssl-cert, ssl-key), host, hostaddr, port,
+    /// dbname, user, password, application_name (default reencrypt), options
+    /// and options[NAME]; any other, and a '#' fragment, is rejected.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 

@@ -50,8 +50,9 @@ impl Database {
         timeouts: Timeouts,
     ) -> Result<Database, sqlx::Error> {
         let mut options = connect_options(url)?;
-        // A name given in the URL is kept, so that this run can be told apart from others.
-        if options.get_application_name().is_none() {
+        // A name set in the URL is kept, so that operators can distinguish
+        // this run from others. `PGAPPNAME`, which sqlx also reads, is not.
+        if !names_application(url) {
             options = options.application_name("reencrypt");
         }
         let options = options
@@ -203,24 +204,43 @@ const URL_PARAMETERS: [&str; 17] = [
 const MAX_SHOWN_NAME: usize = 40;
 
 /// Checks that every query parameter of a connection URL is in
-/// `URL_PARAMETERS`, and returns an error message for the first that is not. The URL is split
-/// and decoded as sqlx does. A name is shown only if it looks like a
-/// parameter name: a password with an unencoded `?` or `#` ends up in the
-/// query, where the `@` after it keeps it from being shown.
+/// `URL_PARAMETERS` and that the URL has no fragment, which sqlx also
+/// ignores. Returns an error message for the first problem. The URL is
+/// split and decoded as sqlx does.
+///
+/// A parameter's name is shown only if it was written as `name=value`, has
+/// the characters of a parameter name, and the query has no `@`. A password
+/// with an unencoded `?` moves the rest of the URL into the query, and the
+/// `@` that follows the password comes with it.
 fn check_url_parameters(text: &str) -> Result<(), String> {
     // An unparseable URL is reported by sqlx's parser, which comes next.
     let Ok(url) = url::Url::parse(text) else {
         return Ok(());
     };
-    let supported = "sslmode, sslrootcert, sslcert, sslkey, host, hostaddr, port, dbname, user, \
-                     password, application_name, options and options[NAME]";
-    for (position, (name, _)) in url.query_pairs().enumerate() {
+    if url.fragment().is_some() {
+        return Err(
+            "the URL has a fragment (a '#' and what follows it), which the driver \
+                    ignores; write a '#' in a user name or password as %23"
+                .to_string(),
+        );
+    }
+    let query = url.query().unwrap_or_default();
+    let supported = "sslmode (or ssl-mode), sslrootcert (or ssl-root-cert, ssl-ca), \
+                     sslcert (or ssl-cert), sslkey (or ssl-key), host, hostaddr, port, dbname, \
+                     user, password, application_name, options and options[NAME]";
+    let pairs = query.split('&').filter(|pair| !pair.is_empty());
+    for (position, pair) in pairs.enumerate() {
+        let Some((name, _)) = url::form_urlencoded::parse(pair.as_bytes()).next() else {
+            continue;
+        };
         let known = URL_PARAMETERS.contains(&name.as_ref())
             || name.starts_with("options[") && name.ends_with(']');
         if known {
             continue;
         }
-        let looks_like_a_name = !name.is_empty()
+        let looks_like_a_name = pair.contains('=')
+            && !query.contains('@')
+            && !name.is_empty()
             && name.len() <= MAX_SHOWN_NAME
             && name
                 .chars()
@@ -237,6 +257,14 @@ fn check_url_parameters(text: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Returns whether a connection URL sets a non-empty `application_name`.
+fn names_application(text: &str) -> bool {
+    url::Url::parse(text).is_ok_and(|url| {
+        url.query_pairs()
+            .any(|(name, value)| name == "application_name" && !value.is_empty())
+    })
 }
 
 /// Checks that `text` has the form of a URL scheme (RFC 3986, section 3.1),
@@ -349,11 +377,30 @@ mod tests {
     }
 
     #[test]
-    fn fragment_is_not_query() {
-        assert_eq!(
-            check_url_parameters("postgres://h/db#x?connect_timeout=1"),
-            Ok(())
-        );
+    fn fragment_rejected_unshown() {
+        let error = check_url_parameters("postgres://h/db#sslmode=verify-full").unwrap_err();
+        assert!(error.contains("fragment"), "{error}");
+        assert!(!error.contains("verify-full"), "{error}");
+    }
+
+    #[test]
+    fn password_in_query_unshown() {
+        // A password that starts with '?' and contains '&': the URL parser
+        // reads the user name as the host, and the rest as the query.
+        let error = check_url_parameters("postgres://app:?Tr0ub4dor&x@db/agentidp").unwrap_err();
+        assert!(error.contains("parameter 1 of the query"), "{error}");
+        assert!(!error.contains("Tr0ub4dor"), "{error}");
+        let error = check_url_parameters("postgres://h/db?Tr0ub4dor").unwrap_err();
+        assert!(!error.contains("Tr0ub4dor"), "{error}");
+    }
+
+    #[test]
+    fn application_name_must_be_nonempty() {
+        assert!(names_application(
+            "postgres://h/db?application_name=nightly"
+        ));
+        assert!(!names_application("postgres://h/db?application_name="));
+        assert!(!names_application("postgres://h/db"));
     }
 
     #[tokio::test]
