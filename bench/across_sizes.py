@@ -39,7 +39,7 @@ def main(path):
                 continue
             runs.setdefault((setting, rows), []).append((int(rate), int(rate) / floor))
             orders_taken.setdefault((setting, rows), set()).add(chosen)
-    repeated = any(len(measured) > 1 for measured in runs.values())
+    repeated = any(len(runs.get(key, [])) + failed.get(key, 0) > 1 for key in runs.keys() | failed.keys())
     if len(sizes) < 2 and not repeated:
         return
     first = sizes[0]

@@ -253,7 +253,11 @@ measure() {
   local binary=$1 order=$2 writers=$3 n=$4
   local name="$work/$rows-$n-$order-$writers"
   local log="$name.log" summary="$name.json" timing="$name.time"
-  fresh || { echo "error: could not copy the template table" >&2; return 1; }
+  if ! fresh; then
+    echo "error: could not copy the template table" >&2
+    record_failure "$binary" "$order" "$writers"
+    return 1
+  fi
   local start end code=0 ticks_before ticks_after
   ticks_before=$(cpu_ticks)
   start=$(now)
@@ -333,6 +337,16 @@ for rows in "${sizes[@]}"; do
     if ! floor; then
       echo "error: could not measure the floor at $rows rows; going on with the next round" >&2
       failed=1
+      # The round's runs count as failed, with no floor to compare them with.
+      floor_rate=0
+      printf '%s\tfloor\t-\t-\tfailed\t0\t-\n' "$rows" >>"$work/rates.tsv"
+      for order in ${BENCH_ORDERS:-key}; do
+        for writers in ${BENCH_WRITERS:-1}; do
+          for binary in "${binaries[@]}"; do
+            record_failure "$binary" "$order" "$writers"
+          done
+        done
+      done
       continue
     fi
     for order in ${BENCH_ORDERS:-key}; do
@@ -346,5 +360,5 @@ for rows in "${sizes[@]}"; do
     done
   done
 done
-[ "${#sizes[@]}" -lt 2 ] && [ "$rounds" = 1 ] || python3 "$here/across_sizes.py" "$work/rates.tsv"
+python3 "$here/across_sizes.py" "$work/rates.tsv"
 exit "$failed"
