@@ -179,10 +179,42 @@ fn run_with_url(command: &str, url: &str, old: &KeyFile, new: &KeyFile) -> (i32,
     (output.status.code().unwrap_or(-1), output_text(&output))
 }
 
-#[test]
-fn database_url_scheme_rejected_before_connecting() {
+/// Runs every command with each URL of `cases` and checks that it exits 2
+/// with the case's text and every text of `common`, shows none of
+/// `hidden`, and never connects to `listener`.
+fn assert_rejected_before_connecting(
+    listener: &CountingListener,
+    cases: &[(String, &str)],
+    common: &[&str],
+    hidden: &[&str],
+) {
     let old = KeyFile::generate();
     let new = KeyFile::generate();
+    for command in [
+        "run", "plan", "verify", "status", "reset", "release", "demo",
+    ] {
+        for (url, expected) in cases {
+            let (code, text) = run_with_url(command, url, &old, &new);
+            assert_eq!(code, 2, "{command} {expected}: {text}");
+            assert!(text.contains("invalid --database-url"), "{command}: {text}");
+            assert!(text.contains(expected), "{command} {expected}: {text}");
+            for part in common {
+                assert!(text.contains(part), "{command} {expected}: {text}");
+            }
+            for secret in hidden {
+                assert!(!text.contains(secret), "{command} shows {secret}: {text}");
+            }
+        }
+    }
+    assert_eq!(
+        listener.connections(),
+        0,
+        "a command connected with a URL it should have rejected"
+    );
+}
+
+#[test]
+fn database_url_scheme_rejected_before_connecting() {
     let listener = CountingListener::start();
     let port = listener.port;
     let password = "S3cretPassw0rd";
@@ -205,35 +237,16 @@ fn database_url_scheme_rejected_before_connecting() {
         ),
     ];
 
-    for command in [
-        "run", "plan", "verify", "status", "reset", "release", "demo",
-    ] {
-        for (url, expected) in &cases {
-            let (code, text) = run_with_url(command, url, &old, &new);
-            assert_eq!(code, 2, "{command} {expected}: {text}");
-            assert!(text.contains("invalid --database-url"), "{command}: {text}");
-            assert!(text.contains(expected), "{command}: {text}");
-            assert!(
-                text.contains("postgres:// or postgresql://"),
-                "{command}: {text}"
-            );
-            assert!(
-                !text.contains(password),
-                "{command} shows the password: {text}"
-            );
-        }
-    }
-    assert_eq!(
-        listener.connections(),
-        0,
-        "a command connected to a URL it should have rejected"
+    assert_rejected_before_connecting(
+        &listener,
+        &cases,
+        &["postgres:// or postgresql://"],
+        &[password],
     );
 }
 
 #[test]
 fn database_url_unsupported_parameters_rejected() {
-    let old = KeyFile::generate();
-    let new = KeyFile::generate();
     let listener = CountingListener::start();
     let port = listener.port;
     let base = format!("postgres://app:S3cretPassw0rd@127.0.0.1:{port}/test");
@@ -287,23 +300,11 @@ fn database_url_unsupported_parameters_rejected() {
         ),
     ];
 
-    for command in [
-        "run", "plan", "verify", "status", "reset", "release", "demo",
-    ] {
-        for (url, expected) in &cases {
-            let (code, text) = run_with_url(command, url, &old, &new);
-            assert_eq!(code, 2, "{command} {expected}: {text}");
-            assert!(text.contains("invalid --database-url"), "{command}: {text}");
-            assert!(text.contains(expected), "{command} {expected}: {text}");
-            assert!(!text.contains("S3cretPassw0rd"), "{command}: {text}");
-            assert!(!text.contains("Hunter2"), "{command}: {text}");
-            assert!(!text.contains(&long_name), "{command}: {text}");
-        }
-    }
-    assert_eq!(
-        listener.connections(),
-        0,
-        "a command connected with a URL it should have rejected"
+    assert_rejected_before_connecting(
+        &listener,
+        &cases,
+        &[],
+        &["S3cretPassw0rd", "Hunter2", &long_name],
     );
 }
 
