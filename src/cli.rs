@@ -477,3 +477,48 @@ pub struct DemoArgs {
     #[arg(long, default_value = "reencrypt_demo_credentials")]
     pub table: String,
 }
+
+/// Returns a note for each option that `message` names and whose value came
+/// from its environment variable rather than from `arguments`, the command
+/// line. Error messages name options by their flags, which misleads a user
+/// who set only the variable.
+pub fn environment_notes(message: &str, arguments: &[String]) -> Vec<String> {
+    let command = <Cli as clap::CommandFactory>::command();
+    let mut variables: Vec<(String, String)> = Vec::new();
+    for subcommand in std::iter::once(&command).chain(command.get_subcommands()) {
+        for argument in subcommand.get_arguments() {
+            let (Some(long), Some(variable)) = (argument.get_long(), argument.get_env()) else {
+                continue;
+            };
+            let flag = format!("--{long}");
+            let variable = variable.to_string_lossy().into_owned();
+            if !variables.contains(&(flag.clone(), variable.clone())) {
+                variables.push((flag, variable));
+            }
+        }
+    }
+
+    let mut notes = Vec::new();
+    let named = message
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|word| word.starts_with("--"));
+    for flag in named {
+        let on_command_line = arguments
+            .iter()
+            .any(|argument| argument == flag || argument.starts_with(&format!("{flag}=")));
+        if on_command_line {
+            continue;
+        }
+        for (_, variable) in variables.iter().filter(|(f, _)| f == flag) {
+            let note = format!(
+                "note: {flag} was not given on the command line, so its value came from the environment variable {variable}"
+            );
+            if std::env::var_os(variable).is_some_and(|value| !value.is_empty())
+                && !notes.contains(&note)
+            {
+                notes.push(note);
+            }
+        }
+    }
+    notes
+}

@@ -16,10 +16,14 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    let arguments: Vec<String> = std::env::args().collect();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
+            if error.use_stderr() {
+                print_environment_notes(&error.to_string(), &arguments);
+            }
             return ExitCode::from(if error.use_stderr() {
                 exit::CONFIG as u8
             } else {
@@ -46,12 +50,23 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(failure) => {
                 eprintln!("error: {failure}");
+                if let Failure::Config(message) = &failure {
+                    print_environment_notes(message, &arguments);
+                }
                 failure.exit_code()
             }
         }
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(code as u8)
+}
+
+/// Prints which options named in an error message took their value from
+/// the environment, since the message names only their flags.
+fn print_environment_notes(message: &str, arguments: &[String]) {
+    for note in reencrypt::cli::environment_notes(message, arguments) {
+        eprintln!("{note}");
+    }
 }
 
 /// First SIGTERM/SIGINT: finish the current batch, then exit 4. Second: exit 4 at once,

@@ -1708,6 +1708,94 @@ async fn hostile_inputs_exit_2_and_write_nothing() {
     assert_eq!(schema, None, "no checkpoint schema is created on bad input");
 }
 
+/// A run whose options come partly from the environment: the error it
+/// must exit with, the notes it must print, and notes it must not print.
+struct EnvironmentCase {
+    extra: Vec<&'static str>,
+    environment: Environment,
+    expected: &'static str,
+    notes: Vec<String>,
+    absent: Vec<String>,
+}
+
+#[test]
+fn values_from_environment_named_in_notes() {
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let url = "postgres://postgres@127.0.0.1:1/none";
+    let note = |flag: &str, variable: &str| {
+        format!(
+            "note: {flag} was not given on the command line, so its value came from the environment variable {variable}"
+        )
+    };
+    let cases = vec![
+        EnvironmentCase {
+            extra: vec![],
+            environment: vec![("REENCRYPT_WRITERS", "0".into())],
+            expected: "--writers must be between 1 and 64",
+            notes: vec![note("--writers", "REENCRYPT_WRITERS")],
+            absent: vec![],
+        },
+        EnvironmentCase {
+            extra: vec![],
+            environment: vec![("JOB_COMPLETION_INDEX", "3".into())],
+            expected: "--shard-index must be below --shard-count",
+            notes: vec![note("--shard-index", "JOB_COMPLETION_INDEX")],
+            absent: vec![note("--shard-count", "REENCRYPT_SHARD_COUNT")],
+        },
+        EnvironmentCase {
+            extra: vec![],
+            environment: vec![("REENCRYPT_SCAN_ORDER", "bogus".into())],
+            expected: "invalid value 'bogus' for '--scan-order",
+            notes: vec![note("--scan-order", "REENCRYPT_SCAN_ORDER")],
+            absent: vec![],
+        },
+        EnvironmentCase {
+            extra: vec!["--writers", "0"],
+            environment: vec![("REENCRYPT_WRITERS", "0".into())],
+            expected: "--writers must be between 1 and 64",
+            notes: vec![],
+            absent: vec![note("--writers", "REENCRYPT_WRITERS")],
+        },
+        EnvironmentCase {
+            extra: vec!["--writers=0"],
+            environment: vec![("REENCRYPT_WRITERS", "0".into())],
+            expected: "--writers must be between 1 and 64",
+            notes: vec![],
+            absent: vec![note("--writers", "REENCRYPT_WRITERS")],
+        },
+    ];
+    for EnvironmentCase {
+        extra,
+        environment,
+        expected,
+        notes,
+        absent,
+    } in cases
+    {
+        let mut command = common::binary();
+        command
+            .args(with(key_args("t.c", &old.path, &new.path), &extra))
+            .args(["--database-url", url]);
+        for (variable, value) in &environment {
+            command.env(variable, value);
+        }
+        let output = command.output().unwrap();
+        let text = output_text(&output);
+        assert_eq!(output.status.code(), Some(2), "{environment:?}: {text}");
+        assert!(text.contains(expected), "{environment:?}: {text}");
+        for note in &notes {
+            assert!(text.contains(note.as_str()), "missing {note:?} in\n{text}");
+        }
+        for note in &absent {
+            assert!(
+                !text.contains(note.as_str()),
+                "unexpected {note:?} in\n{text}"
+            );
+        }
+    }
+}
+
 /// Environment variables of one invocation, as (name, value).
 type Environment = Vec<(&'static str, String)>;
 
