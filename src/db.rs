@@ -171,7 +171,7 @@ pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
             format!("{found}; expected a URL that starts with postgres:// or postgresql://").into(),
         ));
     }
-    check_url_parameters(url).map_err(|message| sqlx::Error::Configuration(message.into()))?;
+    check_url(url).map_err(|message| sqlx::Error::Configuration(message.into()))?;
     PgConnectOptions::from_str(url)
 }
 
@@ -203,43 +203,98 @@ const URL_PARAMETERS: [&str; 17] = [
 /// Maximum length of a parameter name that an error message shows.
 const MAX_SHOWN_NAME: usize = 40;
 
-/// Checks that every query parameter of a connection URL is in
-/// `URL_PARAMETERS` and that the URL has no fragment, which sqlx also
-/// ignores. Returns an error message for the first problem. The URL is
-/// split and decoded as sqlx does.
+/// How to write the characters that end a part of a URL, for error messages.
+const ENCODING_HINT: &str = "write a ':', '/', '?', '#' or '@' in a user name or password \
+                             as %3A, %2F, %3F, %23 or %40";
+
+/// Checks a connection URL before sqlx reads it, and returns an error
+/// message for the first problem. The URL is parsed and its query decoded
+/// as sqlx does. sqlx ignores a fragment, an unknown query parameter and
+/// every occurrence of a repeated one but the last, so each is rejected.
 ///
-/// A parameter's name is shown only if it was written as `name=value`, has
-/// the characters of a parameter name, and the query has no `@`. A password
-/// with an unencoded `?` moves the rest of the URL into the query, and the
-/// `@` that follows the password comes with it.
-fn check_url_parameters(text: &str) -> Result<(), String> {
-    // An unparseable URL is reported by sqlx's parser, which comes next.
-    let Ok(url) = url::Url::parse(text) else {
-        return Ok(());
-    };
+/// An unencoded `?`, `/` or `#` in a password moves the rest of it into the
+/// query, the path or the fragment, where an error or the server could echo
+/// it. The `@` that follows the password moves with it, so a URL with an
+/// `@` after its host is rejected without showing any of it. A parameter's
+/// name is shown only if it was written as `name=value` and has the
+/// characters of a parameter name.
+fn check_url(text: &str) -> Result<(), String> {
+    // The URL parser's errors are fixed texts, which quote nothing of the URL.
+    let url = url::Url::parse(text).map_err(|error| format!("{error}; {ENCODING_HINT}"))?;
     if url.fragment().is_some() {
-        return Err(
-            "the URL has a fragment (a '#' and what follows it), which the driver \
-                    ignores; write a '#' in a user name or password as %23"
-                .to_string(),
-        );
+        return Err(format!(
+            "the URL has a fragment (a '#' and what follows it), which the driver ignores; \
+             {ENCODING_HINT}"
+        ));
     }
+    let after_host = format!("{}{}", url.path(), url.query().unwrap_or_default());
+    if after_host.contains('@') {
+        return Err(format!(
+            "the URL has an '@' after its host, so part of a password may be in its path or \
+             query; {ENCODING_HINT}, and an '@' in a database name or parameter value as %40"
+        ));
+    }
+    if url.host_str().is_some_and(|host| host.contains(',')) {
+        return Err("the URL names several hosts; give one host".to_string());
+    }
+    let components = [
+        url.username(),
+        url.password().unwrap_or_default(),
+        url.path(),
+    ];
+    let has_nul = components.iter().any(|part| part.contains("%00"))
+        || url
+            .query_pairs()
+            .any(|(name, value)| name.contains('\0') || value.contains('\0'));
+    if has_nul {
+        return Err("the URL contains a NUL character (%00), which PostgreSQL rejects".to_string());
+    }
+
     let query = url.query().unwrap_or_default();
     let supported = "sslmode (or ssl-mode), sslrootcert (or ssl-root-cert, ssl-ca), \
                      sslcert (or ssl-cert), sslkey (or ssl-key), host, hostaddr, port, dbname, \
                      user, password, application_name, options and options[NAME]";
+    let mut seen: Vec<String> = Vec::new();
     let pairs = query.split('&').filter(|pair| !pair.is_empty());
     for (position, pair) in pairs.enumerate() {
-        let Some((name, _)) = url::form_urlencoded::parse(pair.as_bytes()).next() else {
+        let Some((name, value)) = url::form_urlencoded::parse(pair.as_bytes()).next() else {
             continue;
         };
         let known = URL_PARAMETERS.contains(&name.as_ref())
             || name.starts_with("options[") && name.ends_with(']');
         if known {
+            // Known names come from the list above, so they are safe to show.
+            if value.is_empty() {
+                return Err(format!("the parameter '{name}' has no value"));
+            }
+            let setting = setting_of(&name);
+            let in_url = match setting {
+                "host" => url.host_str().is_some_and(|host| !host.is_empty()),
+                "port" => url.port().is_some(),
+                "dbname" => !url.path().trim_start_matches('/').is_empty(),
+                "user" => !url.username().is_empty(),
+                "password" => url.password().is_some(),
+                _ => false,
+            };
+            if in_url {
+                return Err(format!(
+                    "the parameter '{name}' sets the {} that the URL already gives before its \
+                     query; give it once",
+                    describe_setting(setting)
+                ));
+            }
+            // Each occurrence of `options` adds to the others; of any other
+            // setting, the last would replace the earlier ones.
+            if setting != "options" && seen.iter().any(|earlier| earlier == setting) {
+                return Err(format!(
+                    "the parameter '{name}' sets the {} a second time; give it once",
+                    describe_setting(setting)
+                ));
+            }
+            seen.push(setting.to_string());
             continue;
         }
         let looks_like_a_name = pair.contains('=')
-            && !query.contains('@')
             && !name.is_empty()
             && name.len() <= MAX_SHOWN_NAME
             && name
@@ -257,6 +312,29 @@ fn check_url_parameters(text: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Returns the setting that a known query parameter sets: its own name,
+/// or for an alias the name it stands for. `hostaddr` sets the host too.
+fn setting_of(name: &str) -> &str {
+    match name {
+        "ssl-mode" => "sslmode",
+        "ssl-root-cert" | "ssl-ca" => "sslrootcert",
+        "ssl-cert" => "sslcert",
+        "ssl-key" => "sslkey",
+        "hostaddr" => "host",
+        other => other,
+    }
+}
+
+/// Returns the words for a setting in error messages.
+fn describe_setting(setting: &str) -> String {
+    match setting {
+        "dbname" => "database name".to_string(),
+        "user" => "user name".to_string(),
+        "host" | "port" | "password" => setting.to_string(),
+        other => format!("setting {other}"),
+    }
 }
 
 /// Returns whether a connection URL sets a non-empty `application_name`.
@@ -360,38 +438,133 @@ mod tests {
 
     #[test]
     fn driver_parameters_accepted() {
-        let url = "postgres://u@h/db?sslmode=require&ssl-root-cert=/ca.pem&host=%2Ftmp\
-                   &port=5433&dbname=d&user=u&password=p&application_name=a\
-                   &options=-c%20x%3D1&options[lock_timeout]=5s";
-        assert_eq!(check_url_parameters(url), Ok(()));
+        let url = "postgres:///?sslmode=require&ssl-root-cert=/ca.pem&sslcert=/c.pem\
+                   &ssl-key=/k.pem&host=%2Ftmp&port=5433&dbname=d&user=u&password=p\
+                   &application_name=a&options=-c%20x%3D1&options[lock_timeout]=5s";
+        assert_eq!(check_url(url), Ok(()));
     }
 
     #[test]
     fn parameter_names_decoded_as_sqlx_does() {
-        assert_eq!(
-            check_url_parameters("postgres://h/db?ssl%6Dode=require"),
-            Ok(())
-        );
-        let error = check_url_parameters("postgres://h/db?ssl+mode=require").unwrap_err();
+        assert_eq!(check_url("postgres://h/db?ssl%6Dode=require"), Ok(()));
+        let error = check_url("postgres://h/db?ssl+mode=require").unwrap_err();
         assert!(error.contains("parameter 1 of the query"), "{error}");
     }
 
     #[test]
     fn fragment_rejected_unshown() {
-        let error = check_url_parameters("postgres://h/db#sslmode=verify-full").unwrap_err();
+        let error = check_url("postgres://h/db#sslmode=verify-full").unwrap_err();
         assert!(error.contains("fragment"), "{error}");
         assert!(!error.contains("verify-full"), "{error}");
     }
 
     #[test]
-    fn password_in_query_unshown() {
-        // A password that starts with '?' and contains '&': the URL parser
-        // reads the user name as the host, and the rest as the query.
-        let error = check_url_parameters("postgres://app:?Tr0ub4dor&x@db/agentidp").unwrap_err();
+    fn password_after_host_unshown() {
+        // A password with an unencoded '?' or '/' after a number: the URL
+        // parser reads the user name as the host and the number as the port.
+        let urls = [
+            "postgres://app:?Tr0ub4dor&x@db/agentidp",
+            "postgres://app:2024?sslmode=Tr0ub4dor@db/agentidp",
+            "postgres://app:2024?dbname=Tr0ub4dor@db/agentidp",
+            "postgres://app:2024/Tr0ub4dor@db/agentidp",
+        ];
+        for url in urls {
+            let error = check_url(url).unwrap_err();
+            assert!(error.contains("an '@' after its host"), "{url}: {error}");
+            assert!(!error.contains("Tr0ub4dor"), "{url}: {error}");
+        }
+        let error = check_url("postgres://h/db?Tr0ub4dor").unwrap_err();
         assert!(error.contains("parameter 1 of the query"), "{error}");
         assert!(!error.contains("Tr0ub4dor"), "{error}");
-        let error = check_url_parameters("postgres://h/db?Tr0ub4dor").unwrap_err();
-        assert!(!error.contains("Tr0ub4dor"), "{error}");
+    }
+
+    #[test]
+    fn unparseable_url_gets_encoding_hint() {
+        let error = check_url("postgres://app:Tr0ub/4dor@db/x").unwrap_err();
+        assert!(error.starts_with("invalid port number; "), "{error}");
+        assert!(error.contains("%2F"), "{error}");
+        assert!(!error.contains("Tr0ub"), "{error}");
+    }
+
+    #[test]
+    fn settings_given_once() {
+        let cases = [
+            (
+                "postgres://h/db?sslmode=require&sslmode=disable",
+                "sets the setting sslmode a second time",
+            ),
+            (
+                "postgres://h/db?sslmode=require&ssl-mode=disable",
+                "sets the setting sslmode a second time",
+            ),
+            (
+                "postgres://h/db?ssl-ca=/a&sslrootcert=/b",
+                "sets the setting sslrootcert a second time",
+            ),
+            (
+                "postgres:///db?host=a&hostaddr=127.0.0.1",
+                "sets the host a second time",
+            ),
+            (
+                "postgres://h/db?host=other",
+                "sets the host that the URL already gives",
+            ),
+            (
+                "postgres://h:5433/db?port=5432",
+                "sets the port that the URL already gives",
+            ),
+            (
+                "postgres://h/db?dbname=other",
+                "sets the database name that the URL already gives",
+            ),
+            (
+                "postgres://u@h/db?user=other",
+                "sets the user name that the URL already gives",
+            ),
+            (
+                "postgres://u:p@h/db?password=other",
+                "sets the password that the URL already gives",
+            ),
+            (
+                "postgres://h/db?options[a]=1&options[a]=2",
+                "sets the setting options[a] a second time",
+            ),
+        ];
+        for (url, expected) in cases {
+            let error = check_url(url).unwrap_err();
+            assert!(error.contains(expected), "{url}: {error}");
+        }
+        let repeated_options = "postgres://h/db?options=-ca%3D1&options=-cb%3D2";
+        assert_eq!(check_url(repeated_options), Ok(()));
+        let socket = "postgresql:///db?host=/var/run/postgresql&user=postgres&password=p";
+        assert_eq!(check_url(socket), Ok(()));
+    }
+
+    #[test]
+    fn empty_values_rejected() {
+        for url in [
+            "postgres://h/db?sslmode",
+            "postgres://h/db?application_name=",
+        ] {
+            let error = check_url(url).unwrap_err();
+            assert!(error.contains("has no value"), "{url}: {error}");
+        }
+    }
+
+    #[test]
+    fn several_hosts_and_nul_rejected() {
+        let error = check_url("postgres://h1,h2/db").unwrap_err();
+        assert!(error.contains("several hosts"), "{error}");
+        let urls = [
+            "postgres://u%00x@h/db",
+            "postgres://u:p%00@h/db",
+            "postgres://h/d%00b",
+            "postgres://h/db?application_name=a%00b",
+        ];
+        for url in urls {
+            let error = check_url(url).unwrap_err();
+            assert!(error.contains("NUL character"), "{url}: {error}");
+        }
     }
 
     #[test]

@@ -274,7 +274,7 @@ fn database_url_unsupported_parameters_rejected() {
             "unsupported parameter 'passwrod'",
         ),
         (
-            format!("{base}?user=app&Hunter2Hunter2/x"),
+            format!("{base}?sslmode=prefer&Hunter2Hunter2/x"),
             "unsupported parameter 2 of the query (its name is not shown",
         ),
         (
@@ -285,10 +285,44 @@ fn database_url_unsupported_parameters_rejected() {
             format!("{base}?{long_name}=1"),
             "unsupported parameter 1 of the query (its name is not shown",
         ),
-        // A password with an unencoded '?' and '&' puts its tail in the query.
+        // A password with an unencoded '?' or '/' puts its tail in the
+        // query or the path, where the driver or the server would echo it.
         (
             format!("postgres://app:?Hunter2Hunter2&x@127.0.0.1:{port}/test"),
-            "unsupported parameter 1 of the query (its name is not shown",
+            "the URL has an '@' after its host",
+        ),
+        (
+            format!("postgres://127.0.0.1:{port}?sslmode=Hunter2Hunter2@x/test"),
+            "the URL has an '@' after its host",
+        ),
+        (
+            format!("postgres://127.0.0.1:{port}?dbname=Hunter2Hunter2@x/test"),
+            "the URL has an '@' after its host",
+        ),
+        (
+            format!("postgres://app:{port}/Hunter2Hunter2@127.0.0.1:{port}/test"),
+            "the URL has an '@' after its host",
+        ),
+        (
+            format!("postgres://app:Hunter2/Hunter2@127.0.0.1:{port}/test"),
+            "invalid port number; write a ':', '/', '?', '#' or '@'",
+        ),
+        (
+            format!("postgres://app@127.0.0.1,127.0.0.2:{port}/test"),
+            "the URL names several hosts",
+        ),
+        (format!("{base}?application_name=a%00b"), "NUL character"),
+        (
+            format!("{base}?sslmode=require&sslmode=disable"),
+            "sets the setting sslmode a second time",
+        ),
+        (
+            format!("{base}?dbname=other"),
+            "sets the database name that the URL already gives",
+        ),
+        (
+            format!("{base}?sslmode"),
+            "the parameter 'sslmode' has no value",
         ),
         (
             format!("{base}#sslmode=verify-full"),
