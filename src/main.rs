@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
-use reencrypt::cli::{Cli, Command, OutputFormat};
+use reencrypt::cli::{Cli, Command, LogFormat, OutputFormat};
 use reencrypt::error::Failure;
 use reencrypt::{exit, report, telemetry};
 
@@ -31,7 +31,8 @@ fn main() -> ExitCode {
             });
         }
     };
-    telemetry::init(cli.log_format);
+    let log_format = cli.log_format;
+    telemetry::init(log_format);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -49,16 +50,44 @@ fn main() -> ExitCode {
         match dispatch(cli.command, stop).await {
             Ok(code) => code,
             Err(failure) => {
-                eprintln!("error: {failure}");
-                if let Failure::Config(message) = &failure {
-                    print_environment_notes(message, &arguments);
-                }
-                failure.exit_code()
+                let notes = match &failure {
+                    Failure::Config(message) => {
+                        reencrypt::cli::environment_notes(message, &arguments)
+                    }
+                    _ => Vec::new(),
+                };
+                let code = failure.exit_code();
+                print_failure(log_format, &failure, code, &notes);
+                code
             }
         }
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(code as u8)
+}
+
+/// Prints the error that ends the command, and the notes on it: as text, or
+/// with `--log-format json` as one JSON line like the log's, whatever the
+/// log filter, so that a log collector can parse every line.
+fn print_failure(format: LogFormat, failure: &Failure, code: i32, notes: &[String]) {
+    match format {
+        LogFormat::Text => {
+            eprintln!("error: {failure}");
+            for note in notes {
+                eprintln!("{note}");
+            }
+        }
+        LogFormat::Json => {
+            let line = serde_json::json!({
+                "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "level": "ERROR",
+                "message": format!("error: {failure}"),
+                "exit_code": code,
+                "notes": notes,
+            });
+            eprintln!("{line}");
+        }
+    }
 }
 
 /// Prints which options named in an error message took their value from

@@ -65,6 +65,64 @@ fn connection_failures_named_at_once() {
 }
 
 #[test]
+fn json_log_format_ends_with_json_error() {
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let refused = format!("postgres://postgres@127.0.0.1:{}/test", closed_port());
+    // Each case: the URL, the environment, the exit code, text of the
+    // message, and text of its notes.
+    let cases = [
+        (
+            refused.clone(),
+            None,
+            1,
+            "cannot connect to the database",
+            None,
+        ),
+        (
+            refused,
+            Some(("REENCRYPT_WRITERS", "0")),
+            2,
+            "--writers must be between 1 and 64",
+            Some("REENCRYPT_WRITERS"),
+        ),
+    ];
+    for (url, variable, code, message, note) in cases {
+        let mut command = binary();
+        command
+            .args(["--log-format", "json", "run", "--database-url", &url])
+            .args(["--target", "t.secret", "--metrics-listen", "off"])
+            .arg("--old-key-file")
+            .arg(&old.path)
+            .arg("--new-key-file")
+            .arg(&new.path);
+        if let Some((name, value)) = variable {
+            command.env(name, value);
+        }
+        let output = command.output().unwrap();
+        assert_eq!(output.status.code(), Some(code), "{}", output_text(&output));
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        let lines: Vec<serde_json::Value> = stderr
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+            .collect();
+        let last = lines.last().expect("an error line");
+        assert_eq!(last["level"], "ERROR", "{stderr}");
+        assert_eq!(last["exit_code"], code, "{stderr}");
+        let text = last["message"].as_str().unwrap();
+        assert!(text.contains(message), "{stderr}");
+        let notes = last["notes"].as_array().unwrap();
+        match note {
+            Some(variable) => {
+                assert_eq!(notes.len(), 1, "{stderr}");
+                assert!(notes[0].as_str().unwrap().contains(variable), "{stderr}");
+            }
+            None => assert!(notes.is_empty(), "{stderr}"),
+        }
+    }
+}
+
+#[test]
 fn rejected_startup_options_are_configuration_errors() {
     let old = KeyFile::generate();
     let new = KeyFile::generate();
