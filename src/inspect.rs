@@ -175,7 +175,11 @@ async fn stop_on_signal(
             }
         };
     let interrupted = || {
-        eprintln!("error: {command} was interrupted by a signal and has no result; run it again");
+        crate::telemetry::print_error(
+            &format!("{command} was interrupted by a signal and has no result; run it again"),
+            crate::exit::INTERRUPTED,
+            &[],
+        );
         Ok(crate::exit::INTERRUPTED)
     };
     tokio::select! {

@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
-use reencrypt::cli::{Cli, Command, LogFormat, OutputFormat};
+use reencrypt::cli::{Cli, Command, OutputFormat};
 use reencrypt::error::Failure;
 use reencrypt::{exit, report, telemetry};
 
@@ -31,8 +31,7 @@ fn main() -> ExitCode {
             });
         }
     };
-    let log_format = cli.log_format;
-    telemetry::init(log_format);
+    telemetry::init(cli.log_format);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -57,37 +56,13 @@ fn main() -> ExitCode {
                     _ => Vec::new(),
                 };
                 let code = failure.exit_code();
-                print_failure(log_format, &failure, code, &notes);
+                telemetry::print_error(&failure.to_string(), code, &notes);
                 code
             }
         }
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     ExitCode::from(code as u8)
-}
-
-/// Prints the error that ends the command, and the notes on it: as text, or
-/// with `--log-format json` as one JSON line like the log's, whatever the
-/// log filter, so that a log collector can parse every line.
-fn print_failure(format: LogFormat, failure: &Failure, code: i32, notes: &[String]) {
-    match format {
-        LogFormat::Text => {
-            eprintln!("error: {failure}");
-            for note in notes {
-                eprintln!("{note}");
-            }
-        }
-        LogFormat::Json => {
-            let line = serde_json::json!({
-                "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-                "level": "ERROR",
-                "message": format!("error: {failure}"),
-                "exit_code": code,
-                "notes": notes,
-            });
-            eprintln!("{line}");
-        }
-    }
 }
 
 /// Prints which options named in an error message took their value from
@@ -116,7 +91,11 @@ fn spawn_signal_handler(stop: Arc<AtomicBool>) {
                 _ = terminate.recv() => {}
             }
             if stop.swap(true, Ordering::SeqCst) {
-                eprintln!("error: interrupted again; exiting now, the last committed batch is checkpointed");
+                telemetry::print_error(
+                    "interrupted again; exiting now, the last committed batch is checkpointed",
+                    exit::INTERRUPTED,
+                    &[],
+                );
                 std::process::exit(exit::INTERRUPTED);
             }
             tracing::warn!("Stop requested; finishing the current batch.");

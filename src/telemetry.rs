@@ -25,8 +25,36 @@ impl Write for StandardError {
     }
 }
 
+/// The log format `init` installed, for `print_error`.
+static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Prints an error that ends the command, with its exit code and notes on
+/// it. With `--log-format json` it is one JSON line like the log's, printed
+/// whatever the log filter, so that a log collector can parse every line.
+pub fn print_error(message: &str, code: i32, notes: &[String]) {
+    match FORMAT.get().copied().unwrap_or(LogFormat::Text) {
+        LogFormat::Text => {
+            eprintln!("error: {message}");
+            for note in notes {
+                eprintln!("{note}");
+            }
+        }
+        LogFormat::Json => {
+            let line = serde_json::json!({
+                "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "level": "ERROR",
+                "message": format!("error: {message}"),
+                "exit_code": code,
+                "notes": notes,
+            });
+            eprintln!("{line}");
+        }
+    }
+}
+
 /// Installs the global subscriber. Safe to call once per process.
 pub fn init(format: LogFormat) {
+    let _ = FORMAT.set(format);
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     // Colours only on a terminal: a log file or collector would keep the
