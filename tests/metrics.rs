@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{KeyFile, TestDb};
-use reencrypt::classify::encrypt_string;
+use reencrypt::classify::{decrypt_to_string, encrypt_string};
 use reencrypt::keys::Key;
 
 const PUSHGATEWAY: &str = "/usr/bin/prometheus-pushgateway";
@@ -634,6 +634,116 @@ async fn scrape_during_run_has_every_series() {
 
     let finished = run.wait(Duration::from_secs(30)).await;
     assert_eq!(finished.code, Some(0), "{}", finished.text());
+}
+
+#[tokio::test]
+async fn replication_lag_pauses_writes() {
+    // The standby applies each change 6 s late, over the run's 2 s limit.
+    let servers = common::ReplicatedServers::start(Duration::from_secs(6));
+    let db = TestDb::on(&servers.primary_url()).await;
+    let old = KeyFile::generate();
+    let new = KeyFile::generate();
+    let expected = fill(&db, 300, &old.key, &new.key).await;
+
+    // Writes on the primary keep the lag up until the run has paused.
+    db.exec("CREATE TABLE activity (at timestamptz)").await;
+    let keep_writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let pool = db.pool.clone();
+        let keep_writing = keep_writing.clone();
+        tokio::spawn(async move {
+            while keep_writing.load(std::sync::atomic::Ordering::SeqCst) {
+                sqlx::query("INSERT INTO activity VALUES (now())")
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lag: f64 = sqlx::query_scalar(
+            "SELECT COALESCE(max(extract(epoch FROM replay_lag)), 0)::float8 FROM pg_stat_replication",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if lag > 3.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby's replay lag stayed at {lag} s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let port = free_port();
+    let mut run = Running::spawn(
+        "reencrypt run",
+        run_command(&db, &old, &new)
+            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+            .args(["--max-replication-lag-secs", "2", "--batch-size", "100"])
+            .args(["--format", "json"])
+            .env("RUST_LOG", "info"),
+    );
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let labels = [("reason", "replication_lag")];
+    scrape_until(&mut run, &url, "a pause for replication lag", |samples| {
+        matching(samples, "reencrypt_throttled", &labels)
+            .iter()
+            .any(|s| s.value == 1.0)
+    })
+    .await;
+    // The first check comes before the first write, so nothing is written yet.
+    let values: Vec<Option<String>> = sqlx::query_scalar("SELECT secret FROM t")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    let under_new = values
+        .iter()
+        .flatten()
+        .filter(|value| decrypt_to_string(&new.key, value).is_some())
+        .count() as i64;
+    assert_eq!(
+        under_new, expected.current,
+        "rows under the new key during the pause"
+    );
+
+    // Once the standby catches up, the run goes on and finishes.
+    keep_writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    writer.await.unwrap();
+    servers.set_apply_delay(Duration::ZERO);
+    let finished = run.wait(Duration::from_secs(120)).await;
+    assert_eq!(finished.code, Some(0), "{}", finished.text());
+    assert!(
+        finished
+            .stderr
+            .contains("Replication lag above the limit; pausing writes."),
+        "{}",
+        finished.text()
+    );
+    let summary: serde_json::Value = serde_json::from_str(&finished.stdout).unwrap();
+    let counts = &summary["targets"][0]["counts"];
+    assert_eq!(counts["reencrypted"], expected.reencrypted, "{summary}");
+    assert_eq!(counts["current"], expected.current, "{summary}");
+    assert_eq!(counts["null"], expected.null, "{summary}");
+    let values: Vec<(i64, Option<String>)> = sqlx::query_as("SELECT id, secret FROM t ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    for (id, value) in values {
+        let read = value.map(|v| decrypt_to_string(&new.key, &v).map(|p| p.to_string()));
+        match id % 10 {
+            7 => assert_eq!(read, None, "row {id}"),
+            _ => assert_eq!(
+                read,
+                Some(Some(format!("plaintext-of-row-{id:06}"))),
+                "row {id}"
+            ),
+        }
+    }
 }
 
 #[tokio::test]

@@ -21,16 +21,23 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     pub pool: PgPool,
+    /// The server's URL without a database.
+    server: String,
 }
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        TestDb::on(&server_url()).await
+    }
+
+    /// Creates a fresh database on the server at `server`, a URL without a database.
+    pub async fn on(server: &str) -> TestDb {
         let mut random = [0u8; 6];
         getrandom::getrandom(&mut random).unwrap();
         let name = format!("reencrypt_test_{}", hex::encode(random));
         let admin = PgPoolOptions::new()
             .max_connections(1)
-            .connect(&format!("{}/postgres", server_url()))
+            .connect(&format!("{server}/postgres"))
             .await
             .expect("PostgreSQL must be running on 127.0.0.1:5432 (see README)");
         sqlx::query(&format!("CREATE DATABASE {name}"))
@@ -38,13 +45,18 @@ impl TestDb {
             .await
             .unwrap();
         admin.close().await;
-        let url = format!("{}/{name}", server_url());
+        let url = format!("{server}/{name}");
         let pool = PgPoolOptions::new()
             .max_connections(4)
             .connect(&url)
             .await
             .unwrap();
-        TestDb { name, url, pool }
+        TestDb {
+            name,
+            url,
+            pool,
+            server: server.to_string(),
+        }
     }
 
     pub async fn exec(&self, sql: &str) {
@@ -73,7 +85,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
-        let url = format!("{}/postgres", server_url());
+        let url = format!("{}/postgres", self.server);
         // Dropping needs its own runtime: the test's may be shutting down.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -321,4 +333,175 @@ pub fn encrypt_only_under(key: &Key, other: &Key, plaintext: &str) -> String {
             return value;
         }
     }
+}
+
+/// A primary server and a streaming standby of one test's own, on free
+/// loopback ports, in a temporary directory. Both are stopped when the value
+/// is dropped. The standby applies each change `recovery_min_apply_delay`
+/// late, so the primary's `pg_stat_replication` shows a real replay lag.
+pub struct ReplicatedServers {
+    programs: PathBuf,
+    dir: tempfile::TempDir,
+    pub primary_port: u16,
+}
+
+impl ReplicatedServers {
+    /// Starts both servers, the standby applying changes `delay` late.
+    pub fn start(delay: std::time::Duration) -> ReplicatedServers {
+        let programs = server_programs();
+        let dir = tempfile::Builder::new()
+            .prefix("reencrypt-replica-")
+            .tempdir()
+            .unwrap();
+        if is_root() {
+            // initdb and postgres do not run as root; they run as postgres.
+            run_checked(
+                Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(dir.path()),
+            );
+        }
+        let servers = ReplicatedServers {
+            programs,
+            dir,
+            primary_port: free_port(),
+        };
+
+        let primary = servers.data("primary");
+        let standby = servers.data("standby");
+        // initdb's -A also applies to replication connections.
+        run_checked(
+            servers
+                .program("initdb")
+                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+                .arg(&primary),
+        );
+        servers.start_server(&primary, servers.primary_port);
+
+        run_checked(
+            servers
+                .program("pg_basebackup")
+                .args(["-h", "127.0.0.1", "-U", "postgres", "-R", "--no-sync", "-p"])
+                .arg(servers.primary_port.to_string())
+                .arg("-D")
+                .arg(&standby),
+        );
+        servers.set_apply_delay(delay);
+        servers.start_server(&standby, free_port());
+        servers
+    }
+
+    /// Returns the primary's URL, without a database.
+    pub fn primary_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.primary_port)
+    }
+
+    /// Sets how late the standby applies changes, and reloads its settings
+    /// when it runs.
+    pub fn set_apply_delay(&self, delay: std::time::Duration) {
+        let standby = self.data("standby");
+        let settings = standby.join("postgresql.auto.conf");
+        let mut text = std::fs::read_to_string(&settings).unwrap_or_default();
+        // The last line of a setting wins.
+        text.push_str(&format!(
+            "recovery_min_apply_delay = '{}ms'\n",
+            delay.as_millis()
+        ));
+        std::fs::write(&settings, text).unwrap();
+        if standby.join("postmaster.pid").exists() {
+            run_checked(self.program("pg_ctl").arg("reload").arg("-D").arg(&standby));
+        }
+    }
+
+    fn data(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Returns a command for a server program, run as postgres when this
+    /// process is root.
+    fn program(&self, name: &str) -> Command {
+        let path = self.programs.join(name);
+        if is_root() {
+            let mut command = Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(path);
+            command
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn start_server(&self, data: &Path, port: u16) {
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.dir.path().display()
+        );
+        run_checked(
+            self.program("pg_ctl")
+                .args(["start", "-w", "-D"])
+                .arg(data)
+                .arg("-l")
+                .arg(data.with_extension("log"))
+                .arg("-o")
+                .arg(options),
+        );
+    }
+}
+
+impl Drop for ReplicatedServers {
+    fn drop(&mut self) {
+        for name in ["standby", "primary"] {
+            let data = self.data(name);
+            if data.join("postmaster.pid").exists() {
+                let _ = self
+                    .program("pg_ctl")
+                    .args(["stop", "-m", "immediate", "-w", "-D"])
+                    .arg(&data)
+                    .output();
+            }
+        }
+    }
+}
+
+/// Returns the directory of PostgreSQL's server programs, the newest installed.
+fn server_programs() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("bin"))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    found.sort_by_key(|bin| {
+        bin.parent()
+            .and_then(|version| version.file_name())
+            .and_then(|name| name.to_str())
+            .and_then(|name| name.parse::<u32>().ok())
+    });
+    found.pop().expect(
+        "PostgreSQL's server programs (initdb, pg_ctl, pg_basebackup) must be installed \
+         under /usr/lib/postgresql/VERSION/bin",
+    )
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs a command and panics with its output if it fails.
+fn run_checked(command: &mut Command) {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        output_text(&output)
+    );
 }
