@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{KeyFile, TestDb};
+use common::{free_port, KeyFile, TestDb};
 use reencrypt::classify::{decrypt_to_string, encrypt_string};
 use reencrypt::keys::Key;
 
@@ -69,16 +69,6 @@ const ALLOWED_LABELS: [&str; 13] = [
 
 // ---------------------------------------------------------------------------
 // Processes
-
-/// Returns a loopback port that was free a moment ago. Another process may
-/// take it before the caller binds it, which is unlikely enough for tests.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A child process whose standard output and error go to files, so a long run
 /// never blocks on a full pipe. Dropping it kills the process.

@@ -488,7 +488,9 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn free_port() -> u16 {
+/// Returns a loopback port that was free a moment ago. Another process may
+/// take it before the caller binds it, which is unlikely enough for tests.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
