@@ -30,8 +30,8 @@
 #                  binary, each in turn after the same floor, for a side by side
 #                  comparison in one run (implies BENCH_NO_BUILD=1)
 #   BENCH_ROUNDS   how many times to measure each size, the floor first each
-#                  time (default 1); with more than one, the summary gives each
-#                  setting's median rows/s and median ratio to its round's floor
+#                  time (default 1). With more than one, the summary gives each
+#                  setting's median rows/s and median ratio to its round's floor.
 # Needs psql, openssl, python3, cargo and GNU time (/usr/bin/time, Debian package `time`),
 # and PostgreSQL 14 or later (pg_stat_wal) with a superuser, because each
 # measurement resets the server's shared statistics (pg_stat_reset_shared).

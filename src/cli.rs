@@ -86,9 +86,9 @@ pub struct DatabaseArgs {
     /// Query parameters: sslmode, sslrootcert, sslcert, sslkey (or ssl-mode,
     /// ssl-root-cert or ssl-ca, ssl-cert, ssl-key), host, hostaddr, port,
     /// dbname, user, password, application_name (default reencrypt), options
-    /// and options[NAME], each once; any other, and a '#' fragment, is
-    /// rejected. Write ':', '/', '?', '#' and '@' in a password as %3A, %2F,
-    /// %3F, %23 and %40.
+    /// and options[NAME], each once. Any other parameter is rejected, and so
+    /// is a '#' fragment. Write ':', '/', '?', '#' and '@' in a password as
+    /// %3A, %2F, %3F, %23 and %40.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 

@@ -283,7 +283,7 @@ fn check_url(text: &str) -> Result<(), String> {
                     describe_setting(setting)
                 ));
             }
-            // Each occurrence of `options` adds to the others; of any other
+            // Each occurrence of `options` adds to the others. Of any other
             // setting, the last would replace the earlier ones.
             if setting != "options" && seen.iter().any(|earlier| earlier == setting) {
                 return Err(format!(
@@ -300,7 +300,7 @@ fn check_url(text: &str) -> Result<(), String> {
             && name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-        let shown = match looks_like_a_name {
+        let description = match looks_like_a_name {
             true => format!("'{name}'"),
             false => format!(
                 "{} of the query (its name is not shown, because it may contain a secret)",
@@ -308,7 +308,7 @@ fn check_url(text: &str) -> Result<(), String> {
             ),
         };
         return Err(format!(
-            "unsupported parameter {shown}; the supported ones are {supported}"
+            "unsupported parameter {description}; the supported ones are {supported}"
         ));
     }
     Ok(())

@@ -68,19 +68,19 @@ fn connection_failures_named_at_once() {
 fn json_log_format_ends_with_json_error() {
     let old = KeyFile::generate();
     let new = KeyFile::generate();
-    let refused = format!("postgres://postgres@127.0.0.1:{}/test", closed_port());
+    let unreachable = format!("postgres://postgres@127.0.0.1:{}/test", closed_port());
     // Each case: the URL, the environment, the exit code, text of the
     // message, and text of its notes.
     let cases = [
         (
-            refused.clone(),
+            unreachable.clone(),
             None,
             1,
             "cannot connect to the database",
             None,
         ),
         (
-            refused,
+            unreachable,
             Some(("REENCRYPT_WRITERS", "0")),
             2,
             "--writers must be between 1 and 64",
